@@ -1,0 +1,4 @@
+//! Sluice: an edge gateway for LLM inference.
+#![forbid(unsafe_code)]
+
+pub mod sim;

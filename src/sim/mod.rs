@@ -1,0 +1,1 @@
+//! The simulated engine (vLLM-compatible). Written on branch `sim`.
