@@ -1,1 +1,195 @@
-fn main() {}
+//! The `sluice` command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use sluice::config::{self, Config, demo};
+use sluice::{server, sim, telemetry};
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "Edge gateway for LLM inference")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the embedded demo (the default): a demo tenant over two simulated engines.
+    Demo(demo::DemoArgs),
+    /// Serve with a configuration file.
+    Serve {
+        #[arg(long, short, env = "SLUICE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Check a configuration file and report every problem with its field path.
+    CheckConfig { file: PathBuf },
+    /// Print the SHA-256 under which an API key is stored in the config.
+    HashKey { key: String },
+    /// Run a simulated vLLM-compatible engine.
+    SimEngine {
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        listen: SocketAddr,
+        #[command(flatten)]
+        options: sim::SimOptions,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init_logging();
+    let command = cli.command.unwrap_or_else(|| {
+        Command::Demo(demo::DemoArgs {
+            http: "127.0.0.1:8080".parse().expect("literal address"),
+            https: "127.0.0.1:8443".parse().expect("literal address"),
+            ops: "127.0.0.1:9090".parse().expect("literal address"),
+            data_dir: None,
+        })
+    });
+    match command {
+        Command::CheckConfig { file } => match Config::load(&file) {
+            Ok(cfg) => {
+                println!(
+                    "{}: ok ({} pool(s), {} tenant(s))",
+                    file.display(),
+                    cfg.pools.len(),
+                    cfg.tenants.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::HashKey { key } => {
+            println!("{}", config::hash_key(&key));
+            ExitCode::SUCCESS
+        }
+        Command::Demo(args) => run(run_demo(args)),
+        Command::Serve { config } => run(async move {
+            let cfg = Config::load(&config)?;
+            serve(cfg, None).await
+        }),
+        Command::SimEngine { listen, options } => run(sim::run(listen, options)),
+    }
+}
+
+fn run(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_demo(args: demo::DemoArgs) -> anyhow::Result<()> {
+    let mut engines = Vec::new();
+    let mut handles = Vec::new();
+    for _ in 0..2 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let h = sim::spawn(listener, sim::SimOptions::default()).await?;
+        engines.push(h.addr);
+        handles.push(h);
+    }
+    let dir = args.data_dir();
+    let tls = server::tls::generate_self_signed(&dir)?;
+    let cfg = demo::config(&args, &tls.cert_path, &tls.key_path, &engines);
+    let banner = move |addrs: &server::Addresses| {
+        let https = addrs.https.expect("the demo has an HTTPS listener");
+        let http = addrs.http.expect("the demo has an HTTP listener");
+        let ops = addrs.ops.expect("the demo has an ops listener");
+        println!("sluice demo is up");
+        println!(
+            "  https:   https://{https}  (self-signed: {})",
+            tls.cert_path.display()
+        );
+        println!("  http:    http://{http}");
+        println!("  ops:     http://{ops}/healthz  http://{ops}/readyz");
+        println!(
+            "  tenant:  demo   api key: {}   model: {}",
+            demo::DEMO_KEY,
+            demo::DEMO_MODEL
+        );
+        println!(
+            "  engines: {} simulated vLLM replicas: {}",
+            engines.len(),
+            engines
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        println!();
+        println!("try:");
+        println!(
+            "  curl --cacert {} https://localhost:{}/v1/chat/completions \\\n    -H 'Authorization: Bearer {}' -H 'Content-Type: application/json' \\\n    -d '{{\"model\":\"{}\",\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'",
+            tls.cert_path.display(),
+            https.port(),
+            demo::DEMO_KEY,
+            demo::DEMO_MODEL
+        );
+    };
+    serve(cfg, Some(Box::new(banner))).await?;
+    for h in handles {
+        h.shutdown();
+    }
+    Ok(())
+}
+
+type Banner = Box<dyn FnOnce(&server::Addresses) + Send>;
+
+/// Start, wait for SIGTERM or Ctrl-C, drain, return.
+async fn serve(cfg: Config, banner: Option<Banner>) -> anyhow::Result<()> {
+    let issues = cfg.validate();
+    if !issues.is_empty() {
+        let list: Vec<_> = issues.iter().map(|i| format!("  - {i}")).collect();
+        anyhow::bail!("invalid configuration:\n{}", list.join("\n"));
+    }
+    let running = server::start(cfg).await?;
+    match banner {
+        Some(b) => b(&running.addrs),
+        None => tracing::info!(
+            http = ?running.addrs.http,
+            https = ?running.addrs.https,
+            ops = ?running.addrs.ops,
+            "sluice is serving"
+        ),
+    }
+    shutdown_signal().await;
+    tracing::info!("shutdown requested: draining");
+    running.shutdown();
+    running.wait().await;
+    tracing::info!("drained; bye");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

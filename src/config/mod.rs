@@ -1,0 +1,476 @@
+//! Typed configuration: what `sluice serve --config FILE` reads.
+//!
+//! Deserialisation is strict (`deny_unknown_fields` everywhere) and every
+//! default is written next to its field. After parsing, [`Config::validate`]
+//! checks the cross references (tenant -> pool, key hashes, listener files) and
+//! reports *all* problems at once, each with its field path.
+
+pub mod demo;
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default, rename = "pools")]
+    pub pools: Vec<PoolConfig>,
+    #[serde(default, rename = "tenants")]
+    pub tenants: Vec<TenantConfig>,
+}
+
+/// Listeners. At least one of `http` / `https` must be set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Plain HTTP listener (HTTP/1.1 and h2c prior knowledge). Default: none.
+    pub http: Option<SocketAddr>,
+    /// HTTPS listener (HTTP/1.1 and HTTP/2 by ALPN). Default: none.
+    pub https: Option<TlsListener>,
+    /// Ops listener: `/healthz`, `/readyz`. Default: none.
+    pub ops: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsListener {
+    pub listen: SocketAddr,
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// Protection limits of the front door. All have defaults.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Open client connections; beyond it new connections get a 503. Default 10000.
+    pub max_connections: usize,
+    /// Requests being served at once, all tenants; beyond it a 503 with
+    /// `Retry-After` (overload shedding). Default 4096.
+    pub max_inflight_requests: usize,
+    /// Request body cap in bytes; beyond it a 413. Default 8 MiB.
+    pub max_body_bytes: usize,
+    /// Request head (line + headers) cap in bytes. Default 64 KiB.
+    pub max_header_bytes: usize,
+    /// Deepest JSON nesting accepted in a request body. Default 64.
+    pub max_json_depth: usize,
+    /// Time a client has to send the whole request head (slowloris). Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Time a client has to send the whole body once the head arrived. Default 60s.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// On SIGTERM, how long in-flight requests may take to finish. Default 30s.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 10_000,
+            max_inflight_requests: 4096,
+            max_body_bytes: 8 << 20,
+            max_header_bytes: 64 << 10,
+            max_json_depth: 64,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The wire dialect an engine pool speaks. All are OpenAI-compatible; they
+/// differ in how thinking mode is switched and where usage and reasoning text
+/// appear, which later phases (plugins) translate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Dialect {
+    Vllm,
+    Sglang,
+    Openai,
+    Deepseek,
+}
+
+impl Dialect {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dialect::Vllm => "vllm",
+            Dialect::Sglang => "sglang",
+            Dialect::Openai => "openai",
+            Dialect::Deepseek => "deepseek",
+        }
+    }
+}
+
+/// A set of engine replicas serving the same models.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    pub name: String,
+    /// Base URLs of the replicas, e.g. `http://10.0.0.5:8000`. At least one.
+    pub endpoints: Vec<String>,
+    /// Engine dialect. Default `vllm`.
+    #[serde(default = "default_dialect")]
+    pub dialect: Dialect,
+    /// Model names this pool serves; a request for any other is a 404. At least one.
+    pub models: Vec<String>,
+    /// Environment variable holding the engines' API key, sent as a bearer
+    /// token. Default: none (the client's key is never forwarded).
+    pub api_key_env: Option<String>,
+    /// TCP connect timeout per attempt. Default 2s.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time from sending the request to the first body byte of a stream.
+    /// Default 30s.
+    #[serde(default = "default_ttft_timeout", with = "humantime_serde")]
+    pub ttft_timeout: Duration,
+    /// Longest silence between two chunks of a stream. Default 30s.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Whole-exchange cap for non-streaming requests. Default 10m.
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Extra attempts on another replica when an attempt fails before any
+    /// byte reached the client. Default 1.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// How long a replica that refused a connection is skipped. Default 5s.
+    #[serde(default = "default_eject_for", with = "humantime_serde")]
+    pub eject_for: Duration,
+}
+
+fn default_dialect() -> Dialect {
+    Dialect::Vllm
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_ttft_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_retries() -> u32 {
+    1
+}
+fn default_eject_for() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// The provider's deployment paths (see DESIGN.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Deployment {
+    /// Shares its pool with other tenants.
+    Serverless,
+    /// Has a pool of its own.
+    Dedicated,
+    /// Has its own single engine endpoint.
+    DedicatedGpu,
+}
+
+impl Deployment {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Deployment::Serverless => "serverless",
+            Deployment::Dedicated => "dedicated",
+            Deployment::DedicatedGpu => "dedicated-gpu",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    pub id: String,
+    pub deployment: Deployment,
+    /// Name of the pool this tenant is routed to.
+    pub pool: String,
+    /// Requests this tenant may have in flight; beyond it a 429. Default 256.
+    #[serde(default = "default_tenant_concurrency")]
+    pub max_concurrent_requests: usize,
+    #[serde(default)]
+    pub api_keys: Vec<ApiKeyConfig>,
+}
+
+fn default_tenant_concurrency() -> usize {
+    256
+}
+
+/// An API key, stored only as the hex SHA-256 of the key
+/// (`sluice hash-key KEY` prints it).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// A name for the key that appears in logs and traces instead of the key.
+    pub id: String,
+    pub sha256: String,
+}
+
+/// One configuration problem, with the path of the field at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {} problem(s):\n{}", .issues.len(), .issues.iter().map(|i| format!("  - {i}")).collect::<Vec<_>>().join("\n"))]
+    Invalid {
+        path: PathBuf,
+        issues: Vec<ConfigIssue>,
+    },
+}
+
+impl Config {
+    /// Read, parse and validate a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let cfg = Config::parse(&text, base).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })?;
+        let issues = cfg.validate();
+        if issues.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                issues,
+            })
+        }
+    }
+
+    /// Parse TOML text. Relative file paths are resolved against `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Config, String> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        if let Some(tls) = cfg.server.https.as_mut() {
+            tls.cert = base.join(&tls.cert);
+            tls.key = base.join(&tls.key);
+        }
+        Ok(cfg)
+    }
+
+    /// Every semantic problem, each with its field path. Empty means valid.
+    pub fn validate(&self) -> Vec<ConfigIssue> {
+        let mut issues = Vec::new();
+        let mut issue = |path: String, message: String| issues.push(ConfigIssue { path, message });
+
+        let s = &self.server;
+        if s.http.is_none() && s.https.is_none() {
+            issue(
+                "server".into(),
+                "no listener: set `http` or `https` (or both)".into(),
+            );
+        }
+        if let Some(tls) = &s.https {
+            for (field, p) in [("cert", &tls.cert), ("key", &tls.key)] {
+                if !p.is_file() {
+                    issue(
+                        format!("server.https.{field}"),
+                        format!("file {} does not exist", p.display()),
+                    );
+                }
+            }
+        }
+
+        let l = &self.limits;
+        for (field, v) in [
+            ("max_connections", l.max_connections),
+            ("max_inflight_requests", l.max_inflight_requests),
+            ("max_body_bytes", l.max_body_bytes),
+            ("max_json_depth", l.max_json_depth),
+        ] {
+            if v == 0 {
+                issue(format!("limits.{field}"), "must be greater than 0".into());
+            }
+        }
+        if l.max_header_bytes < 8192 {
+            issue(
+                "limits.max_header_bytes".into(),
+                "must be at least 8192 (hyper's minimum read buffer)".into(),
+            );
+        }
+        for (field, d) in [
+            ("header_read_timeout", l.header_read_timeout),
+            ("body_read_timeout", l.body_read_timeout),
+        ] {
+            if d.is_zero() {
+                issue(format!("limits.{field}"), "must be greater than 0".into());
+            }
+        }
+
+        let mut pool_names = HashSet::new();
+        for (i, p) in self.pools.iter().enumerate() {
+            let at = format!("pools[{i}]");
+            if p.name.is_empty() {
+                issue(format!("{at}.name"), "must not be empty".into());
+            } else if !pool_names.insert(p.name.as_str()) {
+                issue(
+                    format!("{at}.name"),
+                    format!("duplicate pool name {:?}", p.name),
+                );
+            }
+            if p.endpoints.is_empty() {
+                issue(
+                    format!("{at}.endpoints"),
+                    "needs at least one endpoint".into(),
+                );
+            }
+            for (j, e) in p.endpoints.iter().enumerate() {
+                if let Err(m) = crate::upstream::parse_endpoint(e) {
+                    issue(format!("{at}.endpoints[{j}]"), m);
+                }
+            }
+            if p.models.is_empty() {
+                issue(format!("{at}.models"), "needs at least one model".into());
+            }
+            for (field, d) in [
+                ("connect_timeout", p.connect_timeout),
+                ("ttft_timeout", p.ttft_timeout),
+                ("idle_timeout", p.idle_timeout),
+                ("request_timeout", p.request_timeout),
+            ] {
+                if d.is_zero() {
+                    issue(format!("{at}.{field}"), "must be greater than 0".into());
+                }
+            }
+        }
+
+        let mut tenant_ids = HashSet::new();
+        let mut key_hashes: HashMap<String, String> = HashMap::new();
+        let mut pool_users: HashMap<&str, Vec<(&str, Deployment)>> = HashMap::new();
+        for (i, t) in self.tenants.iter().enumerate() {
+            let at = format!("tenants[{i}]");
+            if !valid_ident(&t.id) {
+                issue(
+                    format!("{at}.id"),
+                    format!("{:?} must be 1-64 chars of a-z, 0-9, '-' or '_'", t.id),
+                );
+            } else if !tenant_ids.insert(t.id.as_str()) {
+                issue(
+                    format!("{at}.id"),
+                    format!("duplicate tenant id {:?}", t.id),
+                );
+            }
+            if !pool_names.contains(t.pool.as_str()) {
+                issue(format!("{at}.pool"), format!("no pool named {:?}", t.pool));
+            } else {
+                pool_users
+                    .entry(t.pool.as_str())
+                    .or_default()
+                    .push((t.id.as_str(), t.deployment));
+            }
+            if t.max_concurrent_requests == 0 {
+                issue(
+                    format!("{at}.max_concurrent_requests"),
+                    "must be greater than 0".into(),
+                );
+            }
+            if t.api_keys.is_empty() {
+                issue(
+                    format!("{at}.api_keys"),
+                    "needs at least one key (the tenant could not be reached)".into(),
+                );
+            }
+            let mut key_ids = HashSet::new();
+            for (j, k) in t.api_keys.iter().enumerate() {
+                let kat = format!("{at}.api_keys[{j}]");
+                if !key_ids.insert(k.id.as_str()) {
+                    issue(format!("{kat}.id"), format!("duplicate key id {:?}", k.id));
+                }
+                let h = k.sha256.to_ascii_lowercase();
+                if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    issue(
+                        format!("{kat}.sha256"),
+                        "must be 64 hex digits (see `sluice hash-key`)".into(),
+                    );
+                } else if let Some(prev) = key_hashes.insert(h, kat.clone()) {
+                    issue(format!("{kat}.sha256"), format!("same key as {prev}"));
+                }
+            }
+        }
+
+        // Isolation: a dedicated pool serves one tenant; a dedicated GPU is one endpoint.
+        for (i, p) in self.pools.iter().enumerate() {
+            let Some(users) = pool_users.get(p.name.as_str()) else {
+                continue;
+            };
+            for (tenant, dep) in users {
+                if *dep != Deployment::Serverless && users.len() > 1 {
+                    issue(
+                        format!("pools[{i}]"),
+                        format!(
+                            "pool {:?} is {} for tenant {tenant:?} but also used by {}",
+                            p.name,
+                            dep.as_str(),
+                            users
+                                .iter()
+                                .filter(|(t, _)| t != tenant)
+                                .map(|(t, _)| format!("{t:?}"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    );
+                }
+                if *dep == Deployment::DedicatedGpu && p.endpoints.len() != 1 {
+                    issue(
+                        format!("pools[{i}].endpoints"),
+                        format!(
+                            "tenant {tenant:?} is dedicated-gpu: its pool must have exactly one endpoint, has {}",
+                            p.endpoints.len()
+                        ),
+                    );
+                }
+            }
+        }
+        issues
+    }
+}
+
+fn valid_ident(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// Hex SHA-256 of an API key, the form keys are stored and looked up in.
+pub fn hash_key(key: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(key.as_bytes()))
+}

@@ -1,0 +1,321 @@
+//! Every failure sluice answers with, mapped to HTTP in this one place.
+//!
+//! A [`GatewayError`] knows its failure [`Layer`], its HTTP status and its
+//! OpenAI error `type`/`code`. [`GatewayError::into_response`] renders the
+//! OpenAI-shaped body plus `layer` and `trace_id`; [`GatewayError::sse_event`]
+//! renders the same object as a final SSE event for failures after a stream
+//! has started.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use serde_json::json;
+
+use crate::body::{self, ProxyBody};
+
+/// Which party a failure is attributed to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layer {
+    /// Bad input, bad key, over a limit, rejected by the tenant's own policy.
+    Customer,
+    /// The tenant's plugin trapped, ran out of time or memory.
+    Plugin,
+    /// Sluice itself: config, internal error, overload shedding.
+    Gateway,
+    /// The engine pool: unreachable, 5xx, timeout, broken stream.
+    Provider,
+}
+
+impl Layer {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Layer::Customer => "customer",
+            Layer::Plugin => "plugin",
+            Layer::Gateway => "gateway",
+            Layer::Provider => "provider",
+        }
+    }
+}
+
+/// Where in the engine exchange a timeout hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeoutPhase {
+    FirstToken,
+    BetweenChunks,
+    WholeRequest,
+}
+
+impl TimeoutPhase {
+    fn describe(self) -> &'static str {
+        match self {
+            TimeoutPhase::FirstToken => "no first token",
+            TimeoutPhase::BetweenChunks => "no chunk",
+            TimeoutPhase::WholeRequest => "no complete answer",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    // --- customer ---
+    #[error("missing API key: send it as `Authorization: Bearer <key>`")]
+    MissingApiKey,
+    #[error("invalid API key")]
+    InvalidApiKey,
+    #[error("invalid JSON in request body at line {line} column {column}: {reason}")]
+    MalformedJson {
+        line: usize,
+        column: usize,
+        reason: String,
+    },
+    #[error("request body nests JSON deeper than {limit} levels")]
+    JsonTooDeep { limit: usize },
+    #[error("invalid request: {message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<&'static str>,
+    },
+    #[error("request body is larger than the limit of {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("request body not received within {0:?}")]
+    BodyTimeout(Duration),
+    #[error("request body could not be read: {0}")]
+    BodyRead(String),
+    #[error("unsupported content type {0:?}: send application/json")]
+    UnsupportedMediaType(String),
+    #[error("the model `{model}` does not exist or you do not have access to it")]
+    UnknownModel { model: String },
+    #[error("no route for {method} {path}")]
+    NotFound { method: String, path: String },
+    #[error("method {method} not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
+    #[error(
+        "too many concurrent requests for this tenant (limit {limit}); retry after {retry_after}s"
+    )]
+    TenantConcurrency { limit: usize, retry_after: u64 },
+    #[error("the engine rejected the request: {message}")]
+    EngineRejected {
+        status: StatusCode,
+        message: String,
+        param: Option<String>,
+    },
+
+    // --- gateway ---
+    #[error("sluice is overloaded; retry after {retry_after}s")]
+    Overloaded { retry_after: u64 },
+    #[error("too many connections; retry after {retry_after}s")]
+    TooManyConnections { retry_after: u64 },
+    #[error("sluice is shutting down")]
+    ShuttingDown,
+    #[error("internal gateway error: {0}")]
+    Internal(String),
+
+    // --- provider ---
+    #[error("engine pool `{pool}` unreachable after {attempts} attempt(s): {reason}")]
+    EngineUnreachable {
+        pool: String,
+        attempts: u32,
+        reason: String,
+    },
+    #[error("engine pool `{pool}` timed out: {} within {after:?}", .phase.describe())]
+    EngineTimeout {
+        pool: String,
+        phase: TimeoutPhase,
+        after: Duration,
+    },
+    #[error("engine pool `{pool}` answered {status}: {message}")]
+    EngineFailed {
+        pool: String,
+        status: StatusCode,
+        message: String,
+    },
+    #[error("engine pool `{pool}` broke the stream: {reason}")]
+    EngineStreamBroken { pool: String, reason: String },
+}
+
+impl GatewayError {
+    pub fn layer(&self) -> Layer {
+        use GatewayError::*;
+        match self {
+            MissingApiKey
+            | InvalidApiKey
+            | MalformedJson { .. }
+            | JsonTooDeep { .. }
+            | InvalidRequest { .. }
+            | BodyTooLarge { .. }
+            | BodyTimeout(_)
+            | BodyRead(_)
+            | UnsupportedMediaType(_)
+            | UnknownModel { .. }
+            | NotFound { .. }
+            | MethodNotAllowed { .. }
+            | TenantConcurrency { .. }
+            | EngineRejected { .. } => Layer::Customer,
+            Overloaded { .. } | TooManyConnections { .. } | ShuttingDown | Internal(_) => {
+                Layer::Gateway
+            }
+            EngineUnreachable { .. }
+            | EngineTimeout { .. }
+            | EngineFailed { .. }
+            | EngineStreamBroken { .. } => Layer::Provider,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        use GatewayError::*;
+        match self {
+            MissingApiKey | InvalidApiKey => StatusCode::UNAUTHORIZED,
+            MalformedJson { .. } | JsonTooDeep { .. } | InvalidRequest { .. } | BodyRead(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            UnknownModel { .. } | NotFound { .. } => StatusCode::NOT_FOUND,
+            MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            TenantConcurrency { .. } => StatusCode::TOO_MANY_REQUESTS,
+            EngineRejected { status, .. } => *status,
+            Overloaded { .. } | TooManyConnections { .. } | ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            EngineUnreachable { .. } | EngineFailed { .. } | EngineStreamBroken { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+            EngineTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// OpenAI's error `type` for this failure.
+    fn kind(&self) -> &'static str {
+        match self.status().as_u16() {
+            400 | 405 | 408 | 413 | 415 => "invalid_request_error",
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            429 => "rate_limit_error",
+            503 => "service_unavailable_error",
+            _ => "api_error",
+        }
+    }
+
+    /// A stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        use GatewayError::*;
+        match self {
+            MissingApiKey => "missing_api_key",
+            InvalidApiKey => "invalid_api_key",
+            MalformedJson { .. } => "invalid_json",
+            JsonTooDeep { .. } => "json_too_deep",
+            InvalidRequest { .. } => "invalid_request",
+            BodyTooLarge { .. } => "body_too_large",
+            BodyTimeout(_) => "body_timeout",
+            BodyRead(_) => "body_read_error",
+            UnsupportedMediaType(_) => "unsupported_media_type",
+            UnknownModel { .. } => "model_not_found",
+            NotFound { .. } => "not_found",
+            MethodNotAllowed { .. } => "method_not_allowed",
+            TenantConcurrency { .. } => "concurrency_limit_exceeded",
+            EngineRejected { .. } => "engine_rejected_request",
+            Overloaded { .. } => "overloaded",
+            TooManyConnections { .. } => "too_many_connections",
+            ShuttingDown => "shutting_down",
+            Internal(_) => "internal_error",
+            EngineUnreachable { .. } => "engine_unreachable",
+            EngineTimeout { .. } => "engine_timeout",
+            EngineFailed { .. } => "engine_error",
+            EngineStreamBroken { .. } => "engine_stream_broken",
+        }
+    }
+
+    fn param(&self) -> Option<&str> {
+        match self {
+            GatewayError::InvalidRequest { param, .. } => *param,
+            GatewayError::UnknownModel { .. } => Some("model"),
+            GatewayError::EngineRejected { param, .. } => param.as_deref(),
+            _ => None,
+        }
+    }
+
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            GatewayError::TenantConcurrency { retry_after, .. }
+            | GatewayError::Overloaded { retry_after }
+            | GatewayError::TooManyConnections { retry_after } => Some(*retry_after),
+            GatewayError::ShuttingDown => Some(1),
+            _ => None,
+        }
+    }
+
+    /// The OpenAI-shaped error object plus `layer` and `trace_id`.
+    pub fn body_json(&self, trace_id: &str) -> serde_json::Value {
+        json!({
+            "error": {
+                "message": self.to_string(),
+                "type": self.kind(),
+                "code": self.code(),
+                "param": self.param(),
+                "layer": self.layer().as_str(),
+                "trace_id": trace_id,
+            }
+        })
+    }
+
+    /// The complete HTTP response for this error.
+    pub fn into_response(&self, trace_id: &str) -> Response<ProxyBody> {
+        let body = serde_json::to_vec(&self.body_json(trace_id)).unwrap_or_default();
+        let mut resp = Response::new(body::full(Bytes::from(body)));
+        *resp.status_mut() = self.status();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Some(secs) = self.retry_after() {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if matches!(self, GatewayError::TooManyConnections { .. }) {
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
+    }
+
+    /// The error as a last SSE event, for failures after a stream began: the
+    /// status line is gone, so the event is how the client learns what
+    /// happened (the OpenAI SDKs raise on an `error` object in a chunk).
+    pub fn sse_event(&self, trace_id: &str) -> Bytes {
+        let mut out = b"data: ".to_vec();
+        out.extend_from_slice(
+            serde_json::to_string(&self.body_json(trace_id))
+                .unwrap_or_default()
+                .as_bytes(),
+        );
+        out.extend_from_slice(b"\n\n");
+        Bytes::from(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_has_openai_shape_layer_and_trace() {
+        let e = GatewayError::UnknownModel { model: "x".into() };
+        let v = e.body_json("abc");
+        assert_eq!(v["error"]["type"], "not_found_error");
+        assert_eq!(v["error"]["code"], "model_not_found");
+        assert_eq!(v["error"]["param"], "model");
+        assert_eq!(v["error"]["layer"], "customer");
+        assert_eq!(v["error"]["trace_id"], "abc");
+        assert_eq!(e.status(), StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn overload_carries_retry_after() {
+        let r = GatewayError::Overloaded { retry_after: 2 }.into_response("t");
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "2");
+    }
+}

@@ -1,0 +1,436 @@
+//! The request's way through sluice, phase by phase. This is the file that
+//! reads top to bottom:
+//!
+//! 1. shed load (gateway-wide in-flight cap)            -> 503 gateway
+//! 2. route the path                                      -> 404/405 customer
+//! 3. authenticate the tenant                             -> 401 customer
+//! 4. tenant concurrency (fair share on shared pools)     -> 429 customer
+//! 5. read and bound the body, check the JSON             -> 400/408/413 customer
+//! 6. check the model against the tenant's pool           -> 404 customer
+//! 7. call the pool (retries before the first byte)       -> 502/504 provider
+//! 8. relay the answer as it streams                      -> SSE error event
+//!
+//! Every failure is a [`GatewayError`]; it becomes HTTP in `errors.rs` only.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, header};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::auth::{Caller, KeyTable};
+use crate::body::{self, ProxyBody};
+use crate::config::{Config, Limits, TenantConfig};
+use crate::errors::GatewayError;
+use crate::telemetry::RequestIds;
+use crate::upstream::relay::{Relay, RelayOptions};
+use crate::upstream::{self, Pool};
+
+/// Everything a request needs, built once from the config.
+pub struct Gateway {
+    limits: Limits,
+    keys: KeyTable,
+    tenants: Vec<Tenant>,
+    inflight: Arc<Semaphore>,
+    draining: AtomicBool,
+}
+
+struct Tenant {
+    cfg: TenantConfig,
+    pool: Arc<Pool>,
+    concurrency: Arc<Semaphore>,
+}
+
+/// The OpenAI endpoints sluice serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    ChatCompletions,
+    Completions,
+    Models,
+}
+
+impl Endpoint {
+    fn path(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "/v1/chat/completions",
+            Endpoint::Completions => "/v1/completions",
+            Endpoint::Models => "/v1/models",
+        }
+    }
+}
+
+/// The few request fields sluice itself needs. Parsing into this validates
+/// the whole body's syntax; every other field passes through untouched
+/// because the original bytes are forwarded.
+#[derive(Deserialize)]
+struct RequestHead<'a> {
+    #[serde(borrow)]
+    model: std::borrow::Cow<'a, str>,
+    #[serde(default)]
+    stream: Option<bool>,
+}
+
+impl Gateway {
+    pub fn new(cfg: Config) -> anyhow::Result<Gateway> {
+        let mut pools = std::collections::HashMap::new();
+        for p in &cfg.pools {
+            pools.insert(p.name.clone(), Arc::new(Pool::new(p)?));
+        }
+        let tenants = cfg
+            .tenants
+            .iter()
+            .map(|t| {
+                let pool = pools
+                    .get(&t.pool)
+                    .cloned()
+                    .ok_or_else(|| anyhow::anyhow!("tenant {}: no pool {}", t.id, t.pool))?;
+                Ok(Tenant {
+                    cfg: t.clone(),
+                    pool,
+                    concurrency: Arc::new(Semaphore::new(t.max_concurrent_requests)),
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Gateway {
+            keys: KeyTable::new(&cfg.tenants),
+            inflight: Arc::new(Semaphore::new(cfg.limits.max_inflight_requests)),
+            limits: cfg.limits,
+            tenants,
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// Serve one request. Never fails: errors become responses here.
+pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyBody> {
+    let ids = RequestIds::from_headers(req.headers());
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let (parts, body) = req.into_parts();
+    let mut body = Some(body);
+    let resp = match serve(&gw, parts, &mut body, &ids).await {
+        Ok(resp) => resp,
+        Err(err) => {
+            if let Some(unread) = body {
+                drain_small_body(unread).await;
+            }
+            let layer = err.layer().as_str();
+            if err.status().is_server_error() {
+                tracing::warn!(%method, %path, status = err.status().as_u16(), layer, error = %err, trace_id = %ids.trace_id, "request failed");
+            } else {
+                tracing::info!(%method, %path, status = err.status().as_u16(), layer, error = %err, trace_id = %ids.trace_id, "request refused");
+            }
+            err.into_response(&ids.trace_id)
+        }
+    };
+    tracing::debug!(%method, %path, status = resp.status().as_u16(), elapsed_us = started.elapsed().as_micros() as u64, trace_id = %ids.trace_id, "request answered");
+    ids.decorate(resp)
+}
+
+/// Answering before the client finished sending makes some HTTP/2 clients
+/// (curl) report a protocol error instead of our answer; read what a small
+/// request still has in flight, briefly, so the error arrives intact.
+async fn drain_small_body(body: Incoming) {
+    use http_body::Body as _;
+    if body.size_hint().lower() <= MAX_DRAIN_BYTES as u64 {
+        let _ = tokio::time::timeout(
+            Duration::from_millis(500),
+            Limited::new(body, MAX_DRAIN_BYTES).collect(),
+        )
+        .await;
+    }
+}
+
+const MAX_DRAIN_BYTES: usize = 64 << 10;
+
+async fn serve(
+    gw: &Gateway,
+    parts: http::request::Parts,
+    body: &mut Option<Incoming>,
+    ids: &RequestIds,
+) -> Result<Response<ProxyBody>, GatewayError> {
+    // 1. Shed load before doing any work for it.
+    let inflight = gw
+        .inflight
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| GatewayError::Overloaded { retry_after: 1 })?;
+
+    // 2. Route.
+    let endpoint = route(&parts.method, parts.uri.path())?;
+
+    // 3. Authenticate before reading a body nobody may have asked for.
+    let caller = gw.keys.authenticate(&parts.headers)?;
+    let tenant = &gw.tenants[caller.tenant];
+    if endpoint == Endpoint::Models {
+        return Ok(models_response(tenant));
+    }
+
+    // 4. Fair share: one tenant cannot take every slot of a shared pool.
+    let tenant_permit = tenant
+        .concurrency
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| GatewayError::TenantConcurrency {
+            limit: tenant.cfg.max_concurrent_requests,
+            retry_after: 1,
+        })?;
+
+    // 5. Body: bounded in size and time, valid JSON, bounded nesting.
+    let Some(incoming) = body.take() else {
+        return Err(GatewayError::Internal("request body read twice".into()));
+    };
+    let bytes = read_body(&gw.limits, &parts.headers, incoming).await?;
+    check_json_depth(&bytes, gw.limits.max_json_depth)?;
+    let head: RequestHead = serde_json::from_slice(&bytes).map_err(json_error)?;
+    let stream = head.stream.unwrap_or(false);
+
+    // 6. The model must be one the tenant's pool serves.
+    if !tenant.pool.serves(&head.model) {
+        return Err(GatewayError::UnknownModel {
+            model: head.model.into_owned(),
+        });
+    }
+
+    tracing::debug!(tenant = %tenant.cfg.id, key = %caller.key_id, model = %head.model, stream, pool = %tenant.pool.name, "routing");
+
+    // 7. Upstream, with retries only while nothing has reached the client.
+    let path = endpoint.path();
+    let up = tenant
+        .pool
+        .send(path, &parts.headers, bytes.clone(), stream, ids)
+        .await?;
+
+    // 8. Relay.
+    Ok(relay_response(
+        up,
+        stream,
+        &tenant.pool,
+        ids,
+        Guards {
+            _inflight: inflight,
+            _tenant: tenant_permit,
+            _caller: caller,
+        },
+    ))
+}
+
+/// Held by the relayed body so that limits count a request until its last byte.
+struct Guards {
+    _inflight: OwnedSemaphorePermit,
+    _tenant: OwnedSemaphorePermit,
+    _caller: Caller,
+}
+
+fn route(method: &Method, path: &str) -> Result<Endpoint, GatewayError> {
+    let endpoint = match path.trim_end_matches('/') {
+        "/v1/chat/completions" => Endpoint::ChatCompletions,
+        "/v1/completions" => Endpoint::Completions,
+        "/v1/models" => Endpoint::Models,
+        _ => {
+            return Err(GatewayError::NotFound {
+                method: method.to_string(),
+                path: path.to_owned(),
+            });
+        }
+    };
+    let allowed = match endpoint {
+        Endpoint::Models => Method::GET,
+        _ => Method::POST,
+    };
+    if method != allowed {
+        return Err(GatewayError::MethodNotAllowed {
+            method: method.to_string(),
+            path: path.to_owned(),
+        });
+    }
+    Ok(endpoint)
+}
+
+fn models_response(tenant: &Tenant) -> Response<ProxyBody> {
+    let data: Vec<_> = tenant
+        .pool
+        .models
+        .iter()
+        .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "sluice"}))
+        .collect();
+    let mut resp = Response::new(body::json(&json!({"object": "list", "data": data})));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+async fn read_body(
+    limits: &Limits,
+    headers: &http::HeaderMap,
+    body: Incoming,
+) -> Result<Bytes, GatewayError> {
+    let limit = limits.max_body_bytes;
+    // Refuse early when the client announces too much.
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(GatewayError::BodyTooLarge { limit });
+    }
+    let collected = tokio::time::timeout(
+        limits.body_read_timeout,
+        Limited::new(body, limit).collect(),
+    )
+    .await
+    .map_err(|_| GatewayError::BodyTimeout(limits.body_read_timeout))?;
+    match collected {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(GatewayError::BodyTooLarge { limit })
+        }
+        Err(e) => Err(GatewayError::BodyRead(e.to_string())),
+    }
+}
+
+fn json_error(e: serde_json::Error) -> GatewayError {
+    use serde_json::error::Category;
+    match e.classify() {
+        Category::Syntax | Category::Eof | Category::Io => {
+            let reason = e.to_string();
+            // serde_json appends " at line L column C"; we state it ourselves.
+            let reason = reason
+                .rsplit_once(" at line ")
+                .map(|(r, _)| r.to_owned())
+                .unwrap_or(reason);
+            GatewayError::MalformedJson {
+                line: e.line(),
+                column: e.column(),
+                reason,
+            }
+        }
+        Category::Data => {
+            let msg = e.to_string();
+            let param = if msg.contains("`model`") || msg.contains("model") {
+                Some("model")
+            } else if msg.contains("stream") {
+                Some("stream")
+            } else {
+                None
+            };
+            GatewayError::InvalidRequest {
+                message: msg,
+                param,
+            }
+        }
+    }
+}
+
+/// Reject bodies nested deeper than `max` before a recursive parser sees them.
+/// A linear scan that skips string contents.
+fn check_json_depth(bytes: &[u8], max: usize) -> Result<(), GatewayError> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in bytes {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max {
+                    return Err(GatewayError::JsonTooDeep { limit: max });
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn relay_response(
+    up: upstream::Upstream,
+    stream: bool,
+    pool: &Pool,
+    ids: &RequestIds,
+    guards: Guards,
+) -> Response<ProxyBody> {
+    let sse = stream
+        || up
+            .parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+    let deadline = (!stream).then(|| tokio::time::Instant::now() + pool.request_timeout());
+    let mut parts = up.parts;
+    for name in upstream::HOP_BY_HOP {
+        parts.headers.remove(*name);
+    }
+    if sse {
+        // An error event may be appended; the length is not known in advance.
+        parts.headers.remove(header::CONTENT_LENGTH);
+        parts
+            .headers
+            .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    }
+    let opts = RelayOptions {
+        idle: pool.idle_timeout(),
+        deadline,
+        sse,
+        pool: pool.name.clone(),
+        trace_id: ids.trace_id.clone(),
+    };
+    let relay = Relay::new(up.first, up.body, opts, (up.lease, guards));
+    Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(relay))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn depth_scan_skips_strings() {
+        assert!(check_json_depth(br#"{"a":"[[[[[[[[[["}"#, 2).is_ok());
+        assert!(check_json_depth(br#"{"a":[[1]]}"#, 2).is_err());
+        assert!(check_json_depth(br#"{"a":"\"[[[["}"#, 1).is_ok());
+    }
+
+    #[test]
+    fn malformed_json_names_position() {
+        let e = serde_json::from_slice::<RequestHead>(b"{\"model\": \"x\",\n  \"stream\": tru}")
+            .map_err(json_error)
+            .err()
+            .unwrap();
+        match e {
+            GatewayError::MalformedJson { line, column, .. } => {
+                assert_eq!(line, 2);
+                assert!(column > 10);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! `sluice check-config`: valid files pass, every problem is reported with
+//! its field path, and the shipped example stays valid.
+
+use std::process::Command;
+
+fn check(path: &std::path::Path) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("check-config")
+        .arg(path)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[test]
+fn shipped_example_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/sluice.example.toml"
+    ))
+    .unwrap();
+    let cfg = dir.path().join("sluice.toml");
+    std::fs::write(&cfg, example).unwrap();
+    sluice::server::tls::generate_self_signed(&dir.path().join("certs")).unwrap();
+    let (ok, text) = check(&cfg);
+    assert!(ok, "{text}");
+    assert!(text.contains("2 pool(s), 2 tenant(s)"), "{text}");
+}
+
+#[test]
+fn every_problem_is_reported_with_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(
+        &cfg,
+        r#"
+[server]
+https = { listen = "127.0.0.1:8443", cert = "missing.pem", key = "missing-key.pem" }
+
+[limits]
+max_body_bytes = 0
+
+[[pools]]
+name = "p"
+endpoints = ["ftp://x", "https://engine:8000"]
+models = []
+
+[[pools]]
+name = "p"
+endpoints = ["http://a:1", "http://b:1"]
+models = ["m"]
+
+[[tenants]]
+id = "Bad Id"
+deployment = "dedicated-gpu"
+pool = "p"
+[[tenants.api_keys]]
+id = "k"
+sha256 = "nothex"
+
+[[tenants]]
+id = "t2"
+deployment = "serverless"
+pool = "nope"
+"#,
+    )
+    .unwrap();
+    let (ok, text) = check(&cfg);
+    assert!(!ok);
+    for expected in [
+        "server.https.cert",
+        "server.https.key",
+        "limits.max_body_bytes",
+        "pools[0].endpoints[0]",
+        "pools[0].endpoints[1]: \"https://engine:8000\": https engine endpoints are not supported",
+        "pools[0].models",
+        "pools[1].name: duplicate pool name",
+        "tenants[0].id",
+        "tenants[0].api_keys[0].sha256",
+        "tenants[1].pool: no pool named \"nope\"",
+        "tenants[1].api_keys: needs at least one key",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+}
+
+#[test]
+fn unknown_fields_and_bad_values_are_parse_errors_with_location() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("typo.toml");
+    std::fs::write(
+        &cfg,
+        "[server]\nhttp = \"127.0.0.1:8080\"\n\n[limits]\nmax_conections = 5\n",
+    )
+    .unwrap();
+    let (ok, text) = check(&cfg);
+    assert!(!ok);
+    assert!(
+        text.contains("max_conections") && text.contains("line 5"),
+        "{text}"
+    );
+
+    std::fs::write(&cfg, "[server]\nhttp = \"127.0.0.1:8080\"\n[[pools]]\nname = \"p\"\nendpoints = [\"http://a:1\"]\nmodels = [\"m\"]\nttft_timeout = \"soon\"\n").unwrap();
+    let (ok, text) = check(&cfg);
+    assert!(!ok);
+    assert!(
+        text.contains("ttft_timeout") || text.contains("line 7"),
+        "{text}"
+    );
+}
+
+#[test]
+fn dedicated_pools_serve_one_tenant() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("shared.toml");
+    let key = |s: &str| sluice::config::hash_key(s);
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[server]
+http = "127.0.0.1:8080"
+[[pools]]
+name = "gpu"
+endpoints = ["http://a:1", "http://b:1"]
+models = ["m"]
+[[tenants]]
+id = "a"
+deployment = "dedicated-gpu"
+pool = "gpu"
+[[tenants.api_keys]]
+id = "k"
+sha256 = "{}"
+[[tenants]]
+id = "b"
+deployment = "serverless"
+pool = "gpu"
+[[tenants.api_keys]]
+id = "k"
+sha256 = "{}"
+"#,
+            key("a"),
+            key("b")
+        ),
+    )
+    .unwrap();
+    let (ok, text) = check(&cfg);
+    assert!(!ok);
+    assert!(
+        text.contains("is dedicated-gpu for tenant \"a\" but also used by \"b\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("must have exactly one endpoint, has 2"),
+        "{text}"
+    );
+}
