@@ -24,6 +24,9 @@ extern crate self as sluice_plugin_kit;
 pub use wit_bindgen;
 
 /// The generated `sluice:policy` bindings.
+// The generated lowering of `take-requests`/`reserve-tokens` passes every
+// flattened argument plus a return pointer; that is the ABI, not a design choice.
+#[allow(clippy::too_many_arguments)]
 pub mod bindings {
     wit_bindgen::generate!({
         world: "policy",
@@ -36,11 +39,15 @@ pub mod bindings {
 }
 
 pub use bindings::Guest;
+// The generated macro lives in `bindings`; re-exported so the `use
+// sluice_plugin_kit::*` of the crate docs brings it in.
+pub use bindings::export_plugin;
 pub use bindings::sluice::policy::host;
 pub use bindings::sluice::policy::types::*;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use std::sync::OnceLock;
 
 /// A `plugin-info` with every hook off; switch on what the plugin uses.
 pub fn info(name: &str) -> PluginInfo {
@@ -88,7 +95,58 @@ impl InfoExt for PluginInfo {
 
 /// This plugin's config from the tenant's chain, parsed into `T`.
 pub fn config<T: DeserializeOwned>() -> Result<T, String> {
-    serde_json::from_str(&host::config()).map_err(|e| format!("invalid plugin config: {e}"))
+    parse_json_config(&host::config())
+}
+
+fn parse_json_config<T: DeserializeOwned>(text: &str) -> Result<T, String> {
+    // A chain entry without a config may reach the plugin as "" or "null";
+    // both mean "all defaults".
+    let text = match text.trim() {
+        "" | "null" => "{}",
+        t => t,
+    };
+    serde_json::from_str(text).map_err(|e| format!("invalid plugin config: {e}"))
+}
+
+/// A plugin config with checks beyond what serde expresses (ranges, pairs).
+pub trait PluginConfig: DeserializeOwned + Send + Sync + 'static {
+    /// Reject values that parse but make no sense; the message names the field.
+    fn check(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Parse and check a config from JSON text; what [`cached_config`] does
+/// without the host, so config handling can be unit-tested natively.
+pub fn parse_config<T: PluginConfig>(text: &str) -> Result<T, String> {
+    let cfg: T = parse_json_config(text)?;
+    cfg.check()
+        .map_err(|e| format!("invalid plugin config: {e}"))?;
+    Ok(cfg)
+}
+
+/// The plugin's config, parsed and checked once per instance: an instance
+/// serves one chain entry, whose config never changes under it. A bad config
+/// is logged once and answered with [`config_invalid`] on every call.
+pub fn cached_config<T: PluginConfig>(
+    cell: &'static OnceLock<Result<T, String>>,
+    plugin: &str,
+) -> Result<&'static T, Rejection> {
+    cell.get_or_init(|| {
+        let parsed = parse_config(&host::config());
+        if let Err(e) = &parsed {
+            host::log(host::Level::Error, e);
+        }
+        parsed
+    })
+    .as_ref()
+    .map_err(|e| config_invalid(plugin, e))
+}
+
+/// The refusal for a config that does not parse or check: status 500, code
+/// `plugin_config_invalid`, since the client cannot fix it.
+pub fn config_invalid(plugin: &str, message: &str) -> Rejection {
+    rejection(500, "plugin_config_invalid", format!("{plugin}: {message}"))
 }
 
 /// A [`Rejection`] without `Retry-After`.
@@ -151,6 +209,20 @@ impl Patch {
         self
     }
 
+    /// Cap the answer length at `n` tokens in the field the pool's engine
+    /// reads, removing the other name: engines prefer
+    /// `max_completion_tokens` when both are set, so leaving a larger value
+    /// there would defeat the cap. OpenAI reasoning models refuse
+    /// `max_tokens`, so `openai` pools get `max_completion_tokens`; every
+    /// other dialect and the completions endpoint read `max_tokens`.
+    pub fn set_max_output_tokens(&mut self, req: &RequestView, n: u32) -> &mut Self {
+        if req.endpoint == "chat-completions" && req.dialect == "openai" {
+            self.remove("/max_tokens").set("/max_completion_tokens", &n)
+        } else {
+            self.remove("/max_completion_tokens").set("/max_tokens", &n)
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }
@@ -168,4 +240,142 @@ impl Patch {
 /// Log through the host (tagged with tenant, plugin and trace id there).
 pub fn log(level: host::Level, message: &str) {
     host::log(level, message);
+}
+
+impl RequestView {
+    /// The value of a visible request header, by case-insensitive name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value.as_str())
+    }
+}
+
+/// Helpers for plugins' native unit tests (the host imports cannot be
+/// called there, so tests drive the pure decision functions).
+pub mod testing {
+    use super::*;
+
+    /// A plain chat request for `model` on a `vllm` pool named `default`:
+    /// one user message, 10 estimated input tokens, nothing else set.
+    pub fn request(model: &str) -> RequestView {
+        RequestView {
+            tenant: "acme".to_owned(),
+            key_id: "key-1".to_owned(),
+            endpoint: "chat-completions".to_owned(),
+            model: model.to_owned(),
+            pool: "default".to_owned(),
+            dialect: "vllm".to_owned(),
+            messages: vec![Message {
+                role: "user".to_owned(),
+                text: "Hello".to_owned(),
+            }],
+            estimated_input_tokens: 10,
+            max_output_tokens: None,
+            temperature: None,
+            top_p: None,
+            thinking: ThinkingMode::Unspecified,
+            reasoning_effort: None,
+            stream: false,
+            tools: Vec::new(),
+            response_format: None,
+            headers: Vec::new(),
+            task: None,
+            raw_json: None,
+        }
+    }
+
+    /// A decision as short lines (`set /p json`, `remove /p`, `model m`,
+    /// `pool p`, `header n: v`, `unset-header n`, `reject 400 code`), so
+    /// tests can compare patches as plain strings.
+    pub fn ops(decision: &RequestDecision) -> Vec<String> {
+        match decision {
+            RequestDecision::Continue => Vec::new(),
+            RequestDecision::Reject(r) => vec![format!("reject {} {}", r.status, r.code)],
+            RequestDecision::Modify(ops) => ops
+                .iter()
+                .map(|op| match op {
+                    PatchOp::SetField(f) => format!("set {} {}", f.pointer, f.json),
+                    PatchOp::RemoveField(p) => format!("remove {p}"),
+                    PatchOp::SetHeader(h) => format!("header {}: {}", h.name, h.value),
+                    PatchOp::RemoveHeader(n) => format!("unset-header {n}"),
+                    PatchOp::SetModel(m) => format!("model {m}"),
+                    PatchOp::SetPool(p) => format!("pool {p}"),
+                })
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    struct Cfg {
+        #[serde(default)]
+        limit: u32,
+    }
+
+    impl PluginConfig for Cfg {
+        fn check(&self) -> Result<(), String> {
+            if self.limit > 10 {
+                return Err("limit: at most 10".to_owned());
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn empty_or_null_config_means_defaults() {
+        for text in ["", "  ", "null", "{}"] {
+            assert_eq!(parse_config::<Cfg>(text).unwrap().limit, 0, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn config_errors_say_what_is_wrong() {
+        let e = parse_config::<Cfg>(r#"{"limt": 1}"#).unwrap_err();
+        assert!(e.contains("unknown field `limt`"), "{e}");
+        let e = parse_config::<Cfg>(r#"{"limit": 11}"#).unwrap_err();
+        assert_eq!(e, "invalid plugin config: limit: at most 10");
+    }
+
+    #[test]
+    fn max_output_tokens_goes_where_the_pool_reads_it() {
+        let mut req = testing::request("m");
+        let mut p = Patch::new();
+        p.set_max_output_tokens(&req, 100);
+        assert_eq!(
+            testing::ops(&p.finish()),
+            ["remove /max_completion_tokens", "set /max_tokens 100"]
+        );
+        req.dialect = "openai".to_owned();
+        let mut p = Patch::new();
+        p.set_max_output_tokens(&req, 100);
+        assert_eq!(
+            testing::ops(&p.finish()),
+            ["remove /max_tokens", "set /max_completion_tokens 100"]
+        );
+        req.endpoint = "completions".to_owned();
+        let mut p = Patch::new();
+        p.set_max_output_tokens(&req, 100);
+        assert_eq!(
+            testing::ops(&p.finish()),
+            ["remove /max_completion_tokens", "set /max_tokens 100"]
+        );
+    }
+
+    #[test]
+    fn header_lookup_ignores_case() {
+        let mut req = testing::request("m");
+        req.headers.push(Header {
+            name: "x-sluice-pool".to_owned(),
+            value: "gpu-b".to_owned(),
+        });
+        assert_eq!(req.header("X-Sluice-Pool"), Some("gpu-b"));
+        assert_eq!(req.header("x-sluice-other"), None);
+    }
 }
