@@ -101,6 +101,22 @@ pub enum GatewayError {
         param: Option<String>,
     },
 
+    #[error("{message}")]
+    PluginRejected {
+        plugin: String,
+        status: StatusCode,
+        code: String,
+        message: String,
+        retry_after: Option<u32>,
+    },
+
+    // --- plugin ---
+    #[error("plugin `{plugin}` {fault}")]
+    PluginFailed {
+        plugin: String,
+        fault: crate::plugins::chain::Fault,
+    },
+
     // --- gateway ---
     #[error("sluice is overloaded; retry after {retry_after}s")]
     Overloaded { retry_after: u64 },
@@ -151,7 +167,9 @@ impl GatewayError {
             | NotFound { .. }
             | MethodNotAllowed { .. }
             | TenantConcurrency { .. }
+            | PluginRejected { .. }
             | EngineRejected { .. } => Layer::Customer,
+            PluginFailed { .. } => Layer::Plugin,
             Overloaded { .. } | TooManyConnections { .. } | ShuttingDown | Internal(_) => {
                 Layer::Gateway
             }
@@ -175,7 +193,11 @@ impl GatewayError {
             UnknownModel { .. } | NotFound { .. } => StatusCode::NOT_FOUND,
             MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             TenantConcurrency { .. } => StatusCode::TOO_MANY_REQUESTS,
-            EngineRejected { status, .. } => *status,
+            EngineRejected { status, .. } | PluginRejected { status, .. } => *status,
+            PluginFailed { fault, .. } => match fault {
+                crate::plugins::chain::Fault::CircuitOpen(_) => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            },
             Overloaded { .. } | TooManyConnections { .. } | ShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -196,14 +218,17 @@ impl GatewayError {
             404 => "not_found_error",
             429 => "rate_limit_error",
             503 => "service_unavailable_error",
+            400..=499 => "invalid_request_error",
             _ => "api_error",
         }
     }
 
     /// A stable machine-readable code.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> &str {
         use GatewayError::*;
         match self {
+            PluginRejected { code, .. } => code,
+            PluginFailed { fault, .. } => fault.code(),
             MissingApiKey => "missing_api_key",
             InvalidApiKey => "invalid_api_key",
             MalformedJson { .. } => "invalid_json",
@@ -240,6 +265,11 @@ impl GatewayError {
 
     fn retry_after(&self) -> Option<u64> {
         match self {
+            GatewayError::PluginRejected { retry_after, .. } => retry_after.map(u64::from),
+            GatewayError::PluginFailed {
+                fault: crate::plugins::chain::Fault::CircuitOpen(d),
+                ..
+            } => Some(d.as_secs().max(1)),
             GatewayError::TenantConcurrency { retry_after, .. }
             | GatewayError::Overloaded { retry_after }
             | GatewayError::TooManyConnections { retry_after } => Some(*retry_after),

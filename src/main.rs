@@ -10,10 +10,18 @@ use sluice::config::{self, Config, demo};
 use sluice::{server, sim, telemetry};
 
 #[derive(Parser)]
-#[command(name = "sluice", version, about = "Edge gateway for LLM inference")]
+#[command(
+    name = "sluice",
+    version,
+    about = "Edge gateway for LLM inference",
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// With no command: the demo, with these flags.
+    #[command(flatten)]
+    demo: demo::DemoArgs,
 }
 
 #[derive(Subcommand)]
@@ -41,14 +49,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init_logging();
-    let command = cli.command.unwrap_or_else(|| {
-        Command::Demo(demo::DemoArgs {
-            http: "127.0.0.1:8080".parse().expect("literal address"),
-            https: "127.0.0.1:8443".parse().expect("literal address"),
-            ops: "127.0.0.1:9090".parse().expect("literal address"),
-            data_dir: None,
-        })
-    });
+    let command = cli.command.unwrap_or(Command::Demo(cli.demo));
     match command {
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(cfg) => {

@@ -12,6 +12,7 @@
 //!
 //! Every failure is a [`GatewayError`]; it becomes HTTP in `errors.rs` only.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -21,15 +22,21 @@ use http::{HeaderValue, Method, Request, Response, header};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::{Caller, KeyTable};
 use crate::body::{self, ProxyBody};
 use crate::config::{Config, Limits, TenantConfig};
 use crate::errors::GatewayError;
+use crate::plugins::chain::Chain;
+use crate::plugins::exchange::{self, Exchange, StreamHook};
+use crate::plugins::host::CallCtx;
+use crate::plugins::phases::{self, Settlement};
+use crate::plugins::view::ViewInput;
+use crate::plugins::{PluginEngine, Settings, chain};
 use crate::telemetry::RequestIds;
-use crate::upstream::relay::{Relay, RelayOptions};
+use crate::upstream::relay::{EventHook, Relay, RelayOptions};
 use crate::upstream::{self, Pool};
 
 /// Everything a request needs, built once from the config.
@@ -37,14 +44,38 @@ pub struct Gateway {
     limits: Limits,
     keys: KeyTable,
     tenants: Vec<Tenant>,
+    pools: HashMap<String, Arc<Pool>>,
     inflight: Arc<Semaphore>,
     draining: AtomicBool,
+    max_response_retries: u32,
 }
 
 struct Tenant {
     cfg: TenantConfig,
     pool: Arc<Pool>,
     concurrency: Arc<Semaphore>,
+    chain: Arc<Chain>,
+}
+
+impl Tenant {
+    /// A pool a plugin routed to: the tenant's own or one of its `extra_pools`.
+    fn pool_for(
+        &self,
+        name: &str,
+        pools: &HashMap<String, Arc<Pool>>,
+    ) -> Result<Arc<Pool>, GatewayError> {
+        let allowed = name == self.cfg.pool || self.cfg.extra_pools.iter().any(|p| p == name);
+        match pools.get(name) {
+            Some(p) if allowed => Ok(p.clone()),
+            _ => Err(GatewayError::PluginFailed {
+                plugin: "routing".into(),
+                fault: chain::Fault::BadDecision(format!(
+                    "routed to pool {name:?}, which tenant {} may not use",
+                    self.cfg.id
+                )),
+            }),
+        }
+    }
 }
 
 /// The OpenAI endpoints sluice serves.
@@ -56,6 +87,15 @@ enum Endpoint {
 }
 
 impl Endpoint {
+    /// The name plugins see.
+    fn name(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat-completions",
+            Endpoint::Completions => "completions",
+            Endpoint::Models => "models",
+        }
+    }
+
     fn path(self) -> &'static str {
         match self {
             Endpoint::ChatCompletions => "/v1/chat/completions",
@@ -78,31 +118,65 @@ struct RequestHead<'a> {
 
 impl Gateway {
     pub fn new(cfg: Config) -> anyhow::Result<Gateway> {
-        let mut pools = std::collections::HashMap::new();
+        let mut pools = HashMap::new();
         for p in &cfg.pools {
             pools.insert(p.name.clone(), Arc::new(Pool::new(p)?));
         }
-        let tenants = cfg
-            .tenants
-            .iter()
-            .map(|t| {
-                let pool = pools
-                    .get(&t.pool)
-                    .cloned()
-                    .ok_or_else(|| anyhow::anyhow!("tenant {}: no pool {}", t.id, t.pool))?;
-                Ok(Tenant {
-                    cfg: t.clone(),
-                    pool,
-                    concurrency: Arc::new(Semaphore::new(t.max_concurrent_requests)),
-                })
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let needs_plugins = cfg.tenants.iter().any(|t| !t.plugins.is_empty());
+        let engine = if needs_plugins {
+            let h = &cfg.plugin_host;
+            Some(PluginEngine::new(Settings {
+                timeout: h.timeout,
+                max_memory: h.max_memory,
+                max_instances: h.max_instances,
+                reuse_instances: h.reuse_instances,
+            })?)
+        } else {
+            None
+        };
+        let mut tenants = Vec::with_capacity(cfg.tenants.len());
+        for (i, t) in cfg.tenants.iter().enumerate() {
+            let pool = pools
+                .get(&t.pool)
+                .cloned()
+                .ok_or_else(|| anyhow::anyhow!("tenant {}: no pool {}", t.id, t.pool))?;
+            let mut chain = Chain::default();
+            for (j, p) in t.plugins.iter().enumerate() {
+                let at = format!("tenants[{i}].plugins[{j}]");
+                let engine = engine
+                    .as_ref()
+                    .expect("created when any tenant has plugins");
+                let bytes: std::borrow::Cow<'_, [u8]> = match (&p.builtin, &p.path) {
+                    (Some(name), _) => crate::plugins::builtin::component(name)
+                        .ok_or_else(|| anyhow::anyhow!("{at}: no built-in plugin {name:?}"))?
+                        .into(),
+                    (None, Some(path)) => std::fs::read(path)
+                        .map_err(|e| anyhow::anyhow!("{at}: cannot read {}: {e}", path.display()))?
+                        .into(),
+                    (None, None) => anyhow::bail!("{at}: no plugin named"),
+                };
+                let compiled = engine
+                    .compile(&bytes)
+                    .map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
+                let entry = chain::Entry::new(engine, compiled, &t.id, &p.config, p.failure)
+                    .map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
+                chain.entries.push(entry);
+            }
+            tenants.push(Tenant {
+                cfg: t.clone(),
+                pool,
+                concurrency: Arc::new(Semaphore::new(t.max_concurrent_requests)),
+                chain: Arc::new(chain),
+            });
+        }
         Ok(Gateway {
             keys: KeyTable::new(&cfg.tenants),
             inflight: Arc::new(Semaphore::new(cfg.limits.max_inflight_requests)),
             limits: cfg.limits,
             tenants,
+            pools,
             draining: AtomicBool::new(false),
+            max_response_retries: cfg.plugin_host.max_response_retries,
         })
     }
 
@@ -198,36 +272,105 @@ async fn serve(
     let bytes = read_body(&gw.limits, &parts.headers, incoming).await?;
     check_json_depth(&bytes, gw.limits.max_json_depth)?;
     let head: RequestHead = serde_json::from_slice(&bytes).map_err(json_error)?;
-    let stream = head.stream.unwrap_or(false);
+    let mut stream = head.stream.unwrap_or(false);
+    let mut model = head.model.into_owned();
+    let mut pool = tenant.pool.clone();
+    let mut headers = parts.headers;
+    let mut bytes = bytes;
 
-    // 6. The model must be one the tenant's pool serves.
-    if !tenant.pool.serves(&head.model) {
-        return Err(GatewayError::UnknownModel {
-            model: head.model.into_owned(),
+    // 6. The tenant's plugins: continue, modify or reject.
+    let mut exchange = None;
+    let mut patched_body = None;
+    if !tenant.chain.is_empty() {
+        let mut doc: Value = serde_json::from_slice(&bytes).map_err(json_error)?;
+        let mut ctx = CallCtx {
+            key_id: caller.key_id.clone(),
+            trace_id: ids.trace_id.clone(),
+            reservations: Vec::new(),
+        };
+        let mut fwd_headers = headers.clone();
+        let input = ViewInput {
+            tenant: &tenant.cfg.id,
+            key_id: &caller.key_id,
+            endpoint: endpoint.name(),
+            pool: &pool.name,
+            dialect: pool.dialect.as_str(),
+            headers: &headers,
+        };
+        let outcome =
+            phases::on_request(&tenant.chain, &mut ctx, &mut doc, &mut fwd_headers, &input);
+        let mut settlement = Settlement::default();
+        settlement.add(std::mem::take(&mut ctx.reservations));
+        let outcome = outcome?;
+        headers = fwd_headers;
+        if let Some(name) = &outcome.pool {
+            pool = tenant.pool_for(name, &gw.pools)?;
+        }
+        let mut modified = outcome.modified;
+        // Token limits settle against usage: make sure streams report it.
+        let mut strip_usage = false;
+        if stream
+            && !settlement.is_empty()
+            && doc.pointer("/stream_options/include_usage") != Some(&Value::Bool(true))
+        {
+            doc["stream_options"] = json!({"include_usage": true});
+            strip_usage = true;
+            modified = true;
+        }
+        if modified {
+            model = doc
+                .get("model")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned();
+            stream = doc.get("stream").and_then(Value::as_bool).unwrap_or(false);
+            bytes = Bytes::from(
+                serde_json::to_vec(&doc).map_err(|e| GatewayError::Internal(e.to_string()))?,
+            );
+        }
+        exchange = Some(Exchange {
+            chain: tenant.chain.clone(),
+            ctx,
+            settlement,
+            view: outcome.view,
+            strip_usage,
         });
+        patched_body = Some(doc);
     }
 
-    tracing::debug!(tenant = %tenant.cfg.id, key = %caller.key_id, model = %head.model, stream, pool = %tenant.pool.name, "routing");
+    // 7. The model must be one the chosen pool serves.
+    if !pool.serves(&model) {
+        return Err(GatewayError::UnknownModel { model });
+    }
 
-    // 7. Upstream, with retries only while nothing has reached the client.
+    tracing::debug!(tenant = %tenant.cfg.id, key = %caller.key_id, %model, stream, pool = %pool.name, "routing");
     let path = endpoint.path();
-    let up = tenant
-        .pool
-        .send(path, &parts.headers, bytes.clone(), stream, ids)
-        .await?;
+    let guards = Guards {
+        _inflight: inflight,
+        _tenant: tenant_permit,
+        _caller: caller,
+    };
 
-    // 8. Relay.
-    Ok(relay_response(
-        up,
-        stream,
-        &tenant.pool,
-        ids,
-        Guards {
-            _inflight: inflight,
-            _tenant: tenant_permit,
-            _caller: caller,
-        },
-    ))
+    // Answers that plugins judge or that settle token limits pass through hooks.
+    let mut hook = None;
+    if let Some(mut ex) = exchange.filter(|ex| ex.inspects(stream)) {
+        if !stream {
+            let doc = patched_body.unwrap_or_default();
+            let resp =
+                exchange::buffered(&pool, path, &headers, doc, ex, gw.max_response_retries, ids)
+                    .await?;
+            drop(guards);
+            return Ok(resp);
+        }
+        ex.settlement.engine_called();
+        hook = Some(Box::new(StreamHook::new(ex, ids.trace_id.clone())) as Box<dyn EventHook>);
+    }
+
+    // 8. Upstream, with retries only while nothing has reached the client.
+    let up = pool.send(path, &headers, bytes, stream, ids).await?;
+
+    // 9. Relay.
+    Ok(relay_response(up, stream, &pool, ids, guards, hook))
 }
 
 /// Held by the relayed body so that limits count a request until its last byte.
@@ -377,6 +520,7 @@ fn relay_response(
     pool: &Pool,
     ids: &RequestIds,
     guards: Guards,
+    hook: Option<Box<dyn EventHook>>,
 ) -> Response<ProxyBody> {
     let sse = stream
         || up
@@ -404,7 +548,10 @@ fn relay_response(
         pool: pool.name.clone(),
         trace_id: ids.trace_id.clone(),
     };
-    let relay = Relay::new(up.first, up.body, opts, (up.lease, guards));
+    let mut relay = Relay::new(up.first, up.body, opts, (up.lease, guards));
+    if let Some(hook) = hook.filter(|_| sse) {
+        relay = relay.with_hook(hook);
+    }
     Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(relay))
 }
 

@@ -26,6 +26,70 @@ pub struct Config {
     pub pools: Vec<PoolConfig>,
     #[serde(default, rename = "tenants")]
     pub tenants: Vec<TenantConfig>,
+    #[serde(default)]
+    pub plugin_host: PluginHostConfig,
+}
+
+/// Settings of the WebAssembly plugin host, for every tenant.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginHostConfig {
+    /// CPU time one hook call may take before it is cut off. Default 10ms.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Linear memory one plugin instance may grow to, in bytes. Default 64 MiB.
+    pub max_memory: usize,
+    /// Plugin instances alive at once, all tenants together. Default 4000.
+    pub max_instances: u32,
+    /// Reuse a healthy instance for the next request of the same tenant and
+    /// plugin (a trapped one is always discarded). Default true.
+    pub reuse_instances: bool,
+    /// Retries an `on-response` hook may ask for on one request. Default 3.
+    pub max_response_retries: u32,
+}
+
+impl Default for PluginHostConfig {
+    fn default() -> Self {
+        PluginHostConfig {
+            timeout: Duration::from_millis(10),
+            max_memory: 64 << 20,
+            max_instances: 4000,
+            reuse_instances: true,
+            max_response_retries: 3,
+        }
+    }
+}
+
+/// What happens to a request when a plugin call fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailurePolicy {
+    /// Refuse the request (layer `plugin`). The default.
+    #[default]
+    FailClosed,
+    /// Go on as if the plugin had said continue / accept.
+    FailOpen,
+}
+
+/// One plugin in a tenant's chain: a built-in by name, or a component file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChainEntryConfig {
+    /// A built-in plugin: `request-shaper`, `rate-limit`, `context-cap`,
+    /// `thinking-policy`, `output-validator`.
+    pub builtin: Option<String>,
+    /// A component file (relative to the config file).
+    pub path: Option<PathBuf>,
+    /// The plugin's own configuration (any TOML table; given to it as JSON).
+    #[serde(default = "empty_object")]
+    pub config: serde_json::Value,
+    /// Default `fail-closed`.
+    #[serde(default)]
+    pub failure: FailurePolicy,
+}
+
+fn empty_object() -> serde_json::Value {
+    serde_json::Value::Object(Default::default())
 }
 
 /// Listeners. At least one of `http` / `https` must be set.
@@ -207,6 +271,12 @@ pub struct TenantConfig {
     pub max_concurrent_requests: usize,
     #[serde(default)]
     pub api_keys: Vec<ApiKeyConfig>,
+    /// Pools besides `pool` that this tenant's plugins may route to.
+    #[serde(default)]
+    pub extra_pools: Vec<String>,
+    /// The tenant's plugin chain, run in this order.
+    #[serde(default)]
+    pub plugins: Vec<ChainEntryConfig>,
 }
 
 fn default_tenant_concurrency() -> usize {
@@ -282,6 +352,13 @@ impl Config {
             tls.cert = base.join(&tls.cert);
             tls.key = base.join(&tls.key);
         }
+        for t in &mut cfg.tenants {
+            for p in &mut t.plugins {
+                if let Some(path) = p.path.as_mut() {
+                    *path = base.join(&*path);
+                }
+            }
+        }
         Ok(cfg)
     }
 
@@ -323,6 +400,25 @@ impl Config {
             issue(
                 "limits.max_header_bytes".into(),
                 "must be at least 8192 (hyper's minimum read buffer)".into(),
+            );
+        }
+        let ph = &self.plugin_host;
+        if ph.timeout.is_zero() {
+            issue(
+                "plugin_host.timeout".into(),
+                "must be greater than 0".into(),
+            );
+        }
+        if ph.max_memory < (1 << 20) {
+            issue(
+                "plugin_host.max_memory".into(),
+                "must be at least 1 MiB".into(),
+            );
+        }
+        if ph.max_instances == 0 {
+            issue(
+                "plugin_host.max_instances".into(),
+                "must be greater than 0".into(),
             );
         }
         for (field, d) in [
@@ -394,6 +490,43 @@ impl Config {
                     .entry(t.pool.as_str())
                     .or_default()
                     .push((t.id.as_str(), t.deployment));
+            }
+            for (j, extra) in t.extra_pools.iter().enumerate() {
+                if !pool_names.contains(extra.as_str()) {
+                    issue(
+                        format!("{at}.extra_pools[{j}]"),
+                        format!("no pool named {extra:?}"),
+                    );
+                }
+            }
+            for (j, p) in t.plugins.iter().enumerate() {
+                let pat = format!("{at}.plugins[{j}]");
+                match (&p.builtin, &p.path) {
+                    (Some(name), None) => {
+                        if crate::plugins::builtin::component(name).is_none() {
+                            let known: Vec<_> = crate::plugins::builtin::BUILTIN
+                                .iter()
+                                .map(|(n, _)| *n)
+                                .collect();
+                            issue(
+                                format!("{pat}.builtin"),
+                                format!(
+                                    "no built-in plugin {name:?} (there are: {})",
+                                    known.join(", ")
+                                ),
+                            );
+                        }
+                    }
+                    (None, Some(path)) => {
+                        if !path.is_file() {
+                            issue(
+                                format!("{pat}.path"),
+                                format!("file {} does not exist", path.display()),
+                            );
+                        }
+                    }
+                    _ => issue(pat, "set exactly one of `builtin` or `path`".into()),
+                }
             }
             if t.max_concurrent_requests == 0 {
                 issue(

@@ -21,6 +21,28 @@ use crate::errors::{GatewayError, TimeoutPhase};
 
 const DONE_MARKER: &[u8] = b"data: [DONE]";
 
+/// Sees each SSE event of a stream as it passes (plugins' chunk and response
+/// hooks, usage accounting). Events are cut at their blank line, so a hook
+/// always gets whole events however the engine split its writes.
+pub trait EventHook: Send {
+    /// One event's `data:` payload (not `[DONE]`).
+    fn on_event(&mut self, data: &[u8]) -> EventAction;
+    /// The engine sent `[DONE]`. `Some(event)` replaces it (an error event).
+    fn on_done(&mut self) -> Option<Bytes>;
+}
+
+pub enum EventAction {
+    /// Relay the event.
+    Pass,
+    /// Leave it out (e.g. a usage chunk the client did not ask for).
+    Drop,
+    /// End the stream with this event instead.
+    Fail(Bytes),
+}
+
+/// Most bytes one SSE event may have before the relay gives up parsing it.
+const MAX_EVENT_BYTES: usize = 4 << 20;
+
 pin_project! {
     pub struct Relay<G> {
         first: Option<Bytes>,
@@ -36,6 +58,9 @@ pin_project! {
         done: bool,
         pool: String,
         trace_id: String,
+        hook: Option<Box<dyn EventHook>>,
+        // Bytes of an event not yet complete (only with a hook).
+        partial: Vec<u8>,
         // Held until the body ends or is dropped: replica lease, tenant and
         // gateway permits.
         guards: G,
@@ -68,9 +93,80 @@ impl<G> Relay<G> {
             done: false,
             pool: opts.pool,
             trace_id: opts.trace_id,
+            hook: None,
+            partial: Vec::new(),
             guards,
         }
     }
+
+    /// Inspect the SSE events on their way (see [`EventHook`]).
+    pub fn with_hook(mut self, hook: Box<dyn EventHook>) -> Self {
+        self.hook = Some(hook);
+        self
+    }
+}
+
+/// Split complete events off `partial`, run the hook on each, and return the
+/// bytes to relay, plus whether the stream must end after them.
+fn run_hook(hook: &mut dyn EventHook, partial: &mut Vec<u8>, data: &[u8]) -> (Bytes, bool) {
+    partial.extend_from_slice(data);
+    let mut out = Vec::with_capacity(partial.len());
+    let mut start = 0;
+    while let Some(end) = find_event_end(&partial[start..]) {
+        let event = &partial[start..start + end];
+        start += end;
+        let payload = event_data(event);
+        match payload {
+            Some(p) if p.trim_ascii() == b"[DONE]" => match hook.on_done() {
+                Some(replacement) => {
+                    out.extend_from_slice(&replacement);
+                    partial.clear();
+                    return (Bytes::from(out), true);
+                }
+                None => out.extend_from_slice(event),
+            },
+            Some(p) => match hook.on_event(p) {
+                EventAction::Pass => out.extend_from_slice(event),
+                EventAction::Drop => {}
+                EventAction::Fail(replacement) => {
+                    out.extend_from_slice(&replacement);
+                    partial.clear();
+                    return (Bytes::from(out), true);
+                }
+            },
+            None => out.extend_from_slice(event),
+        }
+    }
+    partial.drain(..start);
+    if partial.len() > MAX_EVENT_BYTES {
+        // Not SSE as we know it: stop inspecting, relay as is.
+        out.append(partial);
+    }
+    (Bytes::from(out), false)
+}
+
+/// Length of the first complete event (through its blank line), if any.
+fn find_event_end(buf: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while i + 1 < buf.len() {
+        if buf[i] == b'\n' && buf[i + 1] == b'\n' {
+            return Some(i + 2);
+        }
+        if i + 3 < buf.len() && &buf[i..i + 4] == b"\r\n\r\n" {
+            return Some(i + 4);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The `data:` payload of one event (single-line data, as engines send).
+fn event_data(event: &[u8]) -> Option<&[u8]> {
+    event.split(|b| *b == b'\n').find_map(|line| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        line.strip_prefix(b"data:")
+            .map(|d| d.strip_prefix(b" ").unwrap_or(d))
+    })
 }
 
 fn next_wake(idle: Duration, deadline: Option<Instant>) -> Instant {
@@ -95,6 +191,11 @@ impl<G> Body for Relay<G> {
         }
         if let Some(first) = this.first.take() {
             remember_tail(this.tail, &first);
+            if let Some(hook) = this.hook.as_mut() {
+                let (out, end) = run_hook(hook.as_mut(), this.partial, &first);
+                *this.done = end;
+                return Poll::Ready(Some(Ok(Frame::data(out))));
+            }
             return Poll::Ready(Some(Ok(Frame::data(first))));
         }
         match this.inner.as_mut().poll_frame(cx) {
@@ -105,6 +206,11 @@ impl<G> Body for Relay<G> {
                 this.timer
                     .as_mut()
                     .reset(next_wake(*this.idle, *this.deadline));
+                if let (Some(hook), Some(d)) = (this.hook.as_mut(), frame.data_ref()) {
+                    let (out, end) = run_hook(hook.as_mut(), this.partial, d);
+                    *this.done = end;
+                    return Poll::Ready(Some(Ok(Frame::data(out))));
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {

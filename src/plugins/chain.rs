@@ -1,0 +1,294 @@
+//! A tenant's chain: its plugins in order, each with its config, failure
+//! policy, a few reusable instances and a circuit breaker.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use wasmtime::{Store, StoreLimitsBuilder, Trap};
+
+use super::bindings::{
+    ChunkVerdict, ChunkView, PluginInfo, Policy, RequestDecision, RequestView, ResponseVerdict,
+    ResponseView,
+};
+use super::host::{CallCtx, HostState, deadline_ticks};
+use super::{Compiled, LoadError, PluginEngine};
+
+pub use crate::config::FailurePolicy;
+
+/// How a plugin call failed. Always attributed to the plugin layer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Fault {
+    #[error("ran past its {0:?} deadline")]
+    Timeout(Duration),
+    #[error("exceeded its memory limit of {0} bytes")]
+    OutOfMemory(usize),
+    #[error("overflowed its stack")]
+    StackOverflow,
+    #[error("trapped: {0}")]
+    Trap(String),
+    #[error("returned an invalid decision: {0}")]
+    BadDecision(String),
+    #[error("is suspended for {0:?} after repeated failures")]
+    CircuitOpen(Duration),
+}
+
+impl Fault {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Fault::Timeout(_) => "plugin_timeout",
+            Fault::OutOfMemory(_) => "plugin_out_of_memory",
+            Fault::StackOverflow | Fault::Trap(_) => "plugin_trap",
+            Fault::BadDecision(_) => "plugin_bad_decision",
+            Fault::CircuitOpen(_) => "plugin_suspended",
+        }
+    }
+}
+
+/// Failures in a row that open the breaker, and how long it stays open: a
+/// plugin that keeps crashing is not called in a tight loop.
+const BREAKER_THRESHOLD: u32 = 5;
+const BREAKER_OPEN_FOR: Duration = Duration::from_secs(5);
+/// Idle instances kept per chain entry, and calls before an instance is
+/// replaced (bounds heap growth from guests that leak).
+const MAX_IDLE: usize = 4;
+const MAX_CALLS_PER_INSTANCE: u32 = 10_000;
+
+struct Live {
+    store: Store<HostState>,
+    policy: Policy,
+    calls: u32,
+}
+
+/// One plugin in one tenant's chain.
+pub struct Entry {
+    pub name: Arc<str>,
+    pub info: PluginInfo,
+    pub failure: FailurePolicy,
+    pub sha256: String,
+    tenant: Arc<str>,
+    config: Arc<str>,
+    compiled: Arc<Compiled>,
+    engine: Arc<PluginEngine>,
+    idle: Mutex<Vec<Live>>,
+    failures: AtomicU32,
+    open_until_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl Entry {
+    /// Instantiate once and ask the plugin to describe itself (this also
+    /// proves the config is accepted by a working instance).
+    pub fn new(
+        engine: &Arc<PluginEngine>,
+        compiled: Arc<Compiled>,
+        tenant: &str,
+        config: &serde_json::Value,
+        failure: FailurePolicy,
+    ) -> Result<Entry, LoadError> {
+        let mut entry = Entry {
+            name: Arc::from("(loading)"),
+            info: PluginInfo {
+                name: String::new(),
+                version: String::new(),
+                wants_request: false,
+                wants_chunks: false,
+                wants_response: false,
+                wants_raw_json: false,
+            },
+            failure,
+            sha256: compiled.sha256.clone(),
+            tenant: Arc::from(tenant),
+            config: Arc::from(config.to_string()),
+            compiled,
+            engine: engine.clone(),
+            idle: Mutex::new(Vec::new()),
+            failures: AtomicU32::new(0),
+            open_until_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        };
+        let mut ctx = CallCtx::default();
+        let info = entry
+            .call(&mut ctx, |p, s| p.call_describe(s))
+            .map_err(|f| LoadError::Describe(f.to_string()))?;
+        entry.name = Arc::from(info.name.as_str());
+        entry.info = info;
+        // Instances made before the name was known carry the placeholder.
+        entry
+            .idle
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+        Ok(entry)
+    }
+
+    pub fn on_request(
+        &self,
+        ctx: &mut CallCtx,
+        view: &RequestView,
+    ) -> Result<RequestDecision, Fault> {
+        self.call(ctx, |p, s| p.call_on_request(s, view))
+    }
+
+    pub fn on_response(
+        &self,
+        ctx: &mut CallCtx,
+        request: &RequestView,
+        response: &ResponseView,
+    ) -> Result<ResponseVerdict, Fault> {
+        self.call(ctx, |p, s| p.call_on_response(s, request, response))
+    }
+
+    pub fn on_chunk(&self, ctx: &mut CallCtx, chunk: &ChunkView) -> Result<ChunkVerdict, Fault> {
+        self.call(ctx, |p, s| p.call_on_response_chunk(s, chunk))
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn instantiate(&self) -> Result<Live, Fault> {
+        let settings = &self.engine.settings;
+        let state = HostState {
+            limits: StoreLimitsBuilder::new()
+                .memory_size(settings.max_memory)
+                .instances(16)
+                .tables(16)
+                .memories(4)
+                .trap_on_grow_failure(true)
+                .build(),
+            tenant: self.tenant.clone(),
+            plugin: self.name.clone(),
+            config: self.config.clone(),
+            limiters: self.engine.limiters.clone(),
+            call: CallCtx::default(),
+        };
+        let mut store = Store::new(&self.engine.engine, state);
+        store.limiter(|s| &mut s.limits);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(deadline_ticks(settings.timeout));
+        let policy = self
+            .compiled
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| self.classify(e))?;
+        Ok(Live {
+            store,
+            policy,
+            calls: 0,
+        })
+    }
+
+    /// Run one hook under the deadline; reuse the instance if it stayed healthy.
+    fn call<R>(
+        &self,
+        ctx: &mut CallCtx,
+        f: impl FnOnce(&Policy, &mut Store<HostState>) -> wasmtime::Result<R>,
+    ) -> Result<R, Fault> {
+        let open_until = self.open_until_ms.load(Ordering::Relaxed);
+        let now = self.now_ms();
+        if open_until > now {
+            return Err(Fault::CircuitOpen(Duration::from_millis(open_until - now)));
+        }
+        let pooled = self
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        let mut live = match pooled {
+            Some(l) => l,
+            None => match self.instantiate() {
+                Ok(l) => l,
+                Err(fault) => {
+                    self.record_failure(&fault);
+                    return Err(fault);
+                }
+            },
+        };
+        let data = live.store.data_mut();
+        data.call.key_id = std::mem::take(&mut ctx.key_id);
+        data.call.trace_id = std::mem::take(&mut ctx.trace_id);
+        live.store
+            .set_epoch_deadline(deadline_ticks(self.engine.settings.timeout));
+        let result = f(&live.policy, &mut live.store);
+        let data = live.store.data_mut();
+        ctx.key_id = std::mem::take(&mut data.call.key_id);
+        ctx.trace_id = std::mem::take(&mut data.call.trace_id);
+        ctx.reservations.append(&mut data.call.reservations);
+        match result {
+            Ok(r) => {
+                self.failures.store(0, Ordering::Relaxed);
+                live.calls += 1;
+                if self.engine.settings.reuse_instances && live.calls < MAX_CALLS_PER_INSTANCE {
+                    let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+                    if idle.len() < MAX_IDLE {
+                        idle.push(live);
+                    }
+                }
+                Ok(r)
+            }
+            // A trapped instance may hold broken state: it is dropped.
+            Err(e) => {
+                let fault = self.classify(e);
+                self.record_failure(&fault);
+                Err(fault)
+            }
+        }
+    }
+
+    fn record_failure(&self, fault: &Fault) {
+        let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::warn!(tenant = %self.tenant, plugin = %self.name, sha256 = %self.sha256, consecutive = n, error = %fault, "plugin call failed");
+        if n >= BREAKER_THRESHOLD {
+            self.open_until_ms.store(
+                self.now_ms() + BREAKER_OPEN_FOR.as_millis() as u64,
+                Ordering::Relaxed,
+            );
+            self.failures.store(0, Ordering::Relaxed);
+            tracing::error!(tenant = %self.tenant, plugin = %self.name, open_for = ?BREAKER_OPEN_FOR, "plugin suspended after repeated failures");
+        }
+    }
+
+    fn classify(&self, e: wasmtime::Error) -> Fault {
+        match e.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => Fault::Timeout(self.engine.settings.timeout),
+            Some(Trap::StackOverflow) => Fault::StackOverflow,
+            Some(Trap::AllocationTooLarge) => Fault::OutOfMemory(self.engine.settings.max_memory),
+            Some(t) => Fault::Trap(t.to_string()),
+            None => {
+                let text = format!("{e:#}");
+                if text.contains("memory") && (text.contains("grow") || text.contains("limit")) {
+                    Fault::OutOfMemory(self.engine.settings.max_memory)
+                } else {
+                    Fault::Trap(text)
+                }
+            }
+        }
+    }
+}
+
+/// A tenant's plugins, in order.
+#[derive(Default)]
+pub struct Chain {
+    pub entries: Vec<Entry>,
+}
+
+impl Chain {
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn wants_raw_json(&self) -> bool {
+        self.entries
+            .iter()
+            .any(|e| e.info.wants_request && e.info.wants_raw_json)
+    }
+
+    pub fn wants_response(&self) -> bool {
+        self.entries.iter().any(|e| e.info.wants_response)
+    }
+
+    pub fn wants_chunks(&self) -> bool {
+        self.entries.iter().any(|e| e.info.wants_chunks)
+    }
+}

@@ -1,0 +1,178 @@
+//! The host side of `sluice:policy/host`: what a plugin may ask of sluice.
+//! One [`HostState`] per wasm store; the per-call part is set before each
+//! hook call and taken back after it.
+
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Duration;
+
+use wasmtime::StoreLimits;
+
+use super::bindings::{Level, LimitOutcome, Scope, sluice};
+use super::limiter::{BucketKey, Limiters, Outcome, Reservation};
+
+/// What a call needs to know about its request.
+#[derive(Debug, Default)]
+pub struct CallCtx {
+    pub key_id: String,
+    pub trace_id: String,
+    /// Token reservations made during the call, settled by the pipeline.
+    pub reservations: Vec<Reservation>,
+}
+
+pub struct HostState {
+    pub(super) limits: StoreLimits,
+    pub(super) tenant: Arc<str>,
+    pub(super) plugin: Arc<str>,
+    pub(super) config: Arc<str>,
+    pub(super) limiters: Arc<Limiters>,
+    pub(super) call: CallCtx,
+}
+
+impl HostState {
+    fn key(&self, name: String, scope: Scope, per_minute: u32, burst: u32) -> BucketKey {
+        BucketKey {
+            tenant: self.tenant.clone(),
+            plugin: self.plugin.clone(),
+            name,
+            key_id: matches!(scope, Scope::PerKey).then(|| self.call.key_id.clone()),
+            per_minute,
+            burst,
+        }
+    }
+}
+
+fn outcome(o: Outcome) -> LimitOutcome {
+    LimitOutcome {
+        allowed: o.allowed,
+        retry_after_ms: u64::try_from(o.retry_after.as_millis()).unwrap_or(u64::MAX),
+    }
+}
+
+/// Longest log line a plugin may write; the rest is cut.
+const MAX_LOG_BYTES: usize = 2048;
+
+impl sluice::policy::host::Host for HostState {
+    fn take_requests(
+        &mut self,
+        name: String,
+        scope: Scope,
+        per_minute: u32,
+        burst: u32,
+        units: u32,
+    ) -> LimitOutcome {
+        let key = self.key(name, scope, per_minute, burst);
+        let o = self.limiters.take_requests(key, units);
+        if !o.allowed {
+            tracing::debug!(tenant = %self.tenant, plugin = %self.plugin, retry_after_ms = o.retry_after.as_millis() as u64, "request bucket refused");
+        }
+        outcome(o)
+    }
+
+    fn reserve_tokens(
+        &mut self,
+        name: String,
+        scope: Scope,
+        per_minute: u32,
+        burst: u32,
+        estimate: u32,
+    ) -> LimitOutcome {
+        let key = self.key(name, scope, per_minute, burst);
+        let (o, reservation) = self.limiters.reserve_tokens(key, estimate);
+        if let Some(r) = reservation {
+            self.call.reservations.push(r);
+        }
+        outcome(o)
+    }
+
+    fn estimate_tokens(&mut self, text: String) -> u32 {
+        crate::tokens::estimate(&text)
+    }
+
+    fn now_ms(&mut self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    }
+
+    fn log(&mut self, level: Level, message: String) {
+        let mut message = message;
+        if message.len() > MAX_LOG_BYTES {
+            let mut cut = MAX_LOG_BYTES;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        let (tenant, plugin, trace_id) = (&*self.tenant, &*self.plugin, &self.call.trace_id);
+        match level {
+            Level::Debug => tracing::debug!(tenant, plugin, trace_id, "{message}"),
+            Level::Info => tracing::info!(tenant, plugin, trace_id, "{message}"),
+            Level::Warn => tracing::warn!(tenant, plugin, trace_id, "{message}"),
+            Level::Error => tracing::error!(tenant, plugin, trace_id, "{message}"),
+        }
+    }
+
+    fn config(&mut self) -> String {
+        self.config.to_string()
+    }
+
+    fn validate_json(&mut self, schema: String, instance: String) -> Result<(), String> {
+        let validator = compiled_schema(&schema)?;
+        let value: serde_json::Value =
+            serde_json::from_str(&instance).map_err(|e| format!("not valid JSON: {e}"))?;
+        let errors: Vec<String> = validator
+            .iter_errors(&value)
+            .take(5)
+            .map(|e| {
+                let at = e.instance_path().to_string();
+                if at.is_empty() {
+                    e.to_string()
+                } else {
+                    format!("at {at}: {e}")
+                }
+            })
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+}
+
+impl sluice::policy::types::Host for HostState {}
+
+/// Schemas repeat (the same tool on every request): compile each once.
+fn compiled_schema(schema: &str) -> Result<Arc<jsonschema::Validator>, String> {
+    type Cache = Mutex<lru::LruCache<String, Arc<jsonschema::Validator>>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| {
+        Mutex::new(lru::LruCache::new(
+            NonZeroUsize::new(256).expect("nonzero literal"),
+        ))
+    });
+    if let Some(v) = cache
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(schema)
+    {
+        return Ok(v.clone());
+    }
+    let parsed: serde_json::Value =
+        serde_json::from_str(schema).map_err(|e| format!("the schema is not valid JSON: {e}"))?;
+    let validator = Arc::new(
+        jsonschema::validator_for(&parsed).map_err(|e| format!("invalid JSON schema: {e}"))?,
+    );
+    cache
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .put(schema.to_owned(), validator.clone());
+    Ok(validator)
+}
+
+/// How long a plugin call may run, in epoch ticks of [`super::EPOCH_TICK`].
+pub(super) fn deadline_ticks(timeout: Duration) -> u64 {
+    (timeout.as_micros() / super::EPOCH_TICK.as_micros()).max(1) as u64
+}
