@@ -37,12 +37,26 @@ enum Command {
     CheckConfig { file: PathBuf },
     /// Print the SHA-256 under which an API key is stored in the config.
     HashKey { key: String },
+    /// Work with policy plugins.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
     /// Run a simulated vLLM-compatible engine.
     SimEngine {
         #[arg(long, default_value = "127.0.0.1:8000")]
         listen: SocketAddr,
         #[command(flatten)]
         options: sim::SimOptions,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Check that a file is a sluice:policy component this sluice can run.
+    Validate {
+        file: PathBuf,
+        /// The plugin config (JSON) to describe it with.
+        #[arg(long, default_value = "{}")]
+        config: String,
     },
 }
 
@@ -76,6 +90,18 @@ fn main() -> ExitCode {
             serve(cfg, None).await
         }),
         Command::SimEngine { listen, options } => run(sim::run(listen, options)),
+        Command::Plugin(PluginCommand::Validate { file, config }) => {
+            match sluice::plugins::validate(&file, &config) {
+                Ok(report) => {
+                    println!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{}: {e:#}", file.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 

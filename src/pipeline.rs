@@ -62,13 +62,14 @@ impl Tenant {
     fn pool_for(
         &self,
         name: &str,
+        plugin: &str,
         pools: &HashMap<String, Arc<Pool>>,
     ) -> Result<Arc<Pool>, GatewayError> {
         let allowed = name == self.cfg.pool || self.cfg.extra_pools.iter().any(|p| p == name);
         match pools.get(name) {
             Some(p) if allowed => Ok(p.clone()),
             _ => Err(GatewayError::PluginFailed {
-                plugin: "routing".into(),
+                plugin: plugin.to_owned(),
                 fault: chain::Fault::BadDecision(format!(
                     "routed to pool {name:?}, which tenant {} may not use",
                     self.cfg.id
@@ -283,11 +284,7 @@ async fn serve(
     let mut patched_body = None;
     if !tenant.chain.is_empty() {
         let mut doc: Value = serde_json::from_slice(&bytes).map_err(json_error)?;
-        let mut ctx = CallCtx {
-            key_id: caller.key_id.clone(),
-            trace_id: ids.trace_id.clone(),
-            reservations: Vec::new(),
-        };
+        let mut ctx = CallCtx::new(caller.key_id.clone(), ids.trace_id.clone());
         let mut fwd_headers = headers.clone();
         let input = ViewInput {
             tenant: &tenant.cfg.id,
@@ -303,8 +300,8 @@ async fn serve(
         settlement.add(std::mem::take(&mut ctx.reservations));
         let outcome = outcome?;
         headers = fwd_headers;
-        if let Some(name) = &outcome.pool {
-            pool = tenant.pool_for(name, &gw.pools)?;
+        if let Some((name, plugin)) = &outcome.pool {
+            pool = tenant.pool_for(name, plugin, &gw.pools)?;
         }
         let mut modified = outcome.modified;
         // Token limits settle against usage: make sure streams report it.

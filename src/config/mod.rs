@@ -34,7 +34,8 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PluginHostConfig {
-    /// CPU time one hook call may take before it is cut off. Default 10ms.
+    /// CPU time (of its thread, not wall time) one hook call may take before
+    /// it is cut off. Default 10ms.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     /// Linear memory one plugin instance may grow to, in bytes. Default 64 MiB.

@@ -5,13 +5,13 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use wasmtime::{Store, StoreLimitsBuilder, Trap};
+use wasmtime::{Store, StoreLimitsBuilder, Trap, UpdateDeadline};
 
 use super::bindings::{
     ChunkVerdict, ChunkView, PluginInfo, Policy, RequestDecision, RequestView, ResponseVerdict,
     ResponseView,
 };
-use super::host::{CallCtx, HostState, deadline_ticks};
+use super::host::{CallCtx, HostState, deadline_ticks, thread_cpu_now};
 use super::{Compiled, LoadError, PluginEngine};
 
 pub use crate::config::FailurePolicy;
@@ -165,7 +165,18 @@ impl Entry {
         };
         let mut store = Store::new(&self.engine.engine, state);
         store.limiter(|s| &mut s.limits);
-        store.epoch_deadline_trap();
+        // The epoch ticks in wall time; when it fires, charge only the CPU the
+        // call really used, so a loaded machine does not fail honest plugins.
+        let timeout = settings.timeout;
+        store.epoch_deadline_callback(move |ctx| {
+            let used = thread_cpu_now().saturating_sub(ctx.data().call.cpu_start);
+            if used >= timeout {
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                Ok(UpdateDeadline::Continue(deadline_ticks(timeout - used)))
+            }
+        });
+        store.data_mut().call.cpu_start = thread_cpu_now();
         store.set_epoch_deadline(deadline_ticks(settings.timeout));
         let policy = self
             .compiled
@@ -208,6 +219,7 @@ impl Entry {
         let data = live.store.data_mut();
         data.call.key_id = std::mem::take(&mut ctx.key_id);
         data.call.trace_id = std::mem::take(&mut ctx.trace_id);
+        data.call.cpu_start = thread_cpu_now();
         live.store
             .set_epoch_deadline(deadline_ticks(self.engine.settings.timeout));
         let result = f(&live.policy, &mut live.store);

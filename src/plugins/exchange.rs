@@ -202,8 +202,27 @@ pub async fn buffered(
                     .pointer("/choices/0/message")
                     .cloned()
                     .unwrap_or_else(|| json!({"role": "assistant", "content": ""}));
+                // Answer each tool call with the feedback (the protocol wants
+                // a tool message per call); plain answers get a user message.
+                let call_ids: Vec<String> = previous
+                    .get("tool_calls")
+                    .and_then(Value::as_array)
+                    .map(|calls| {
+                        calls
+                            .iter()
+                            .filter_map(|c| c.get("id").and_then(Value::as_str).map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 messages.push(previous);
-                messages.push(json!({"role": "user", "content": feedback}));
+                if call_ids.is_empty() {
+                    messages.push(json!({"role": "user", "content": feedback}));
+                } else {
+                    for id in call_ids {
+                        messages
+                            .push(json!({"role": "tool", "tool_call_id": id, "content": feedback}));
+                    }
+                }
                 attempt += 1;
                 tracing::info!(attempt, trace_id = %ids.trace_id, "response hook asked for a retry");
             }

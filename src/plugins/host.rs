@@ -18,6 +18,28 @@ pub struct CallCtx {
     pub trace_id: String,
     /// Token reservations made during the call, settled by the pipeline.
     pub reservations: Vec<Reservation>,
+    /// The calling thread's CPU time when the call began.
+    pub(super) cpu_start: Duration,
+}
+
+impl CallCtx {
+    pub fn new(key_id: String, trace_id: String) -> CallCtx {
+        CallCtx {
+            key_id,
+            trace_id,
+            ..CallCtx::default()
+        }
+    }
+}
+
+/// CPU time consumed by the current thread. A hook call runs on one thread
+/// from start to end (calls are synchronous), so the difference between two
+/// readings is the CPU the call used — unlike wall time, it does not grow
+/// while a busy machine has the thread descheduled.
+pub(super) fn thread_cpu_now() -> Duration {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map(Duration::from)
+        .unwrap_or_default()
 }
 
 pub struct HostState {
@@ -172,7 +194,7 @@ fn compiled_schema(schema: &str) -> Result<Arc<jsonschema::Validator>, String> {
     Ok(validator)
 }
 
-/// How long a plugin call may run, in epoch ticks of [`super::EPOCH_TICK`].
+/// Epoch ticks (of [`super::EPOCH_TICK`] wall time) until the next CPU check.
 pub(super) fn deadline_ticks(timeout: Duration) -> u64 {
     (timeout.as_micros() / super::EPOCH_TICK.as_micros()).max(1) as u64
 }

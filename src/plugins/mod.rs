@@ -178,3 +178,46 @@ impl PluginEngine {
 fn wasmparser_is_component(bytes: &[u8]) -> bool {
     bytes.len() >= 8 && &bytes[0..4] == b"\0asm" && bytes[6..8] == [1, 0]
 }
+
+/// `sluice plugin validate`: compile, link against this host's world, and
+/// let the plugin describe itself. Returns a one-paragraph report.
+pub fn validate(path: &std::path::Path, config: &str) -> anyhow::Result<String> {
+    let bytes = std::fs::read(path)?;
+    let config: serde_json::Value =
+        serde_json::from_str(config).map_err(|e| anyhow::anyhow!("--config is not JSON: {e}"))?;
+    let engine = PluginEngine::new(Settings {
+        max_instances: 4,
+        ..Settings::default()
+    })?;
+    let compiled = engine.compile(&bytes)?;
+    let entry = chain::Entry::new(
+        &engine,
+        compiled.clone(),
+        "validate",
+        &config,
+        crate::config::FailurePolicy::FailClosed,
+    )?;
+    let i = &entry.info;
+    let hooks: Vec<&str> = [
+        (i.wants_request, "on-request"),
+        (i.wants_chunks, "on-response-chunk"),
+        (i.wants_response, "on-response"),
+        (i.wants_raw_json, "raw-json"),
+    ]
+    .iter()
+    .filter(|(on, _)| *on)
+    .map(|(_, n)| *n)
+    .collect();
+    Ok(format!(
+        "ok: {} {} (sluice:policy@0.1 component, {} bytes, sha256 {})\n    hooks: {}",
+        i.name,
+        i.version,
+        compiled.size,
+        compiled.sha256,
+        if hooks.is_empty() {
+            "none".into()
+        } else {
+            hooks.join(", ")
+        }
+    ))
+}

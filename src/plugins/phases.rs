@@ -71,8 +71,8 @@ fn failed(entry: &Entry, fault: Fault) -> Result<(), GatewayError> {
 pub struct RequestOutcome {
     /// The body was changed and must be re-serialised.
     pub modified: bool,
-    /// A plugin routed the request to this pool.
-    pub pool: Option<String>,
+    /// A plugin routed the request to this pool: (pool, plugin).
+    pub pool: Option<(String, String)>,
     /// The final view, for the response phase.
     pub view: RequestView,
 }
@@ -110,11 +110,11 @@ pub fn on_request(
                 match view::apply(body, headers, ops) {
                     Ok(effects) => {
                         if let Some(p) = effects.pool {
-                            pool = Some(p);
+                            pool = Some((p, entry.name.to_string()));
                         }
                         modified = true;
                         raw = None;
-                        let pool_name = pool.as_deref().unwrap_or(input.pool);
+                        let pool_name = pool.as_ref().map_or(input.pool, |(p, _)| p.as_str());
                         view = view::request_view(
                             body,
                             &ViewInput {

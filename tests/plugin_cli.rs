@@ -1,0 +1,99 @@
+//! `sluice plugin validate`: accepts real components, explains refusals.
+
+use std::process::Command;
+
+fn validate(path: &std::path::Path) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["plugin", "validate"])
+        .arg(path)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+fn component(name: &str) -> Vec<u8> {
+    std::fs::read(format!("{}/{name}.wasm", env!("SLUICE_PLUGIN_COMPONENTS"))).unwrap()
+}
+
+/// Same-length byte replacement: keeps the binary well-formed while
+/// changing one name inside it.
+fn patched(mut bytes: Vec<u8>, from: &[u8], to: &[u8]) -> Vec<u8> {
+    assert_eq!(from.len(), to.len());
+    let mut hits = 0;
+    let mut i = 0;
+    while i + from.len() <= bytes.len() {
+        if &bytes[i..i + from.len()] == from {
+            bytes[i..i + from.len()].copy_from_slice(to);
+            hits += 1;
+        }
+        i += 1;
+    }
+    assert!(hits > 0, "{} not found", String::from_utf8_lossy(from));
+    bytes
+}
+
+#[test]
+fn built_in_plugins_validate() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in [
+        "request-shaper",
+        "rate-limit",
+        "context-cap",
+        "thinking-policy",
+        "output-validator",
+    ] {
+        let f = dir.path().join(format!("{name}.wasm"));
+        std::fs::write(&f, component(name)).unwrap();
+        let (ok, text) = validate(&f);
+        assert!(ok, "{text}");
+        assert!(
+            text.contains(&format!("ok: {name} ")) && text.contains("sha256"),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn refusals_say_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "garbage.wasm",
+            b"this is not wasm".to_vec(),
+            "not a WebAssembly component",
+        ),
+        ("core.wasm", b"\0asm\x01\0\0\0".to_vec(), "core module"),
+        (
+            "future.wasm",
+            patched(
+                patched(
+                    component("hostile"),
+                    b"sluice:policy/host@0.1.0",
+                    b"sluice:policy/host@9.1.0",
+                ),
+                b"sluice:policy/types@0.1.0",
+                b"sluice:policy/types@9.1.0",
+            ),
+            "sluice:policy/host@9.1.0",
+        ),
+        (
+            "other-world.wasm",
+            patched(component("hostile"), b"on-request", b"on-rekuest"),
+            "does not fit the sluice:policy",
+        ),
+    ];
+    for (name, bytes, expected) in cases {
+        let f = dir.path().join(name);
+        std::fs::write(&f, bytes).unwrap();
+        let (ok, text) = validate(&f);
+        assert!(!ok, "{name} accepted: {text}");
+        assert!(
+            text.contains(expected),
+            "{name}: expected {expected:?} in {text}"
+        );
+    }
+    let (ok, text) = validate(&dir.path().join("missing.wasm"));
+    assert!(!ok && text.contains("No such file"), "{text}");
+}
