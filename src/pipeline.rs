@@ -27,7 +27,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::{Caller, KeyTable};
 use crate::body::{self, ProxyBody};
-use crate::config::{Config, Limits, TenantConfig};
+use crate::config::{Config, Dialect, Limits, TenantConfig};
 use crate::errors::GatewayError;
 use crate::plugins::chain::Chain;
 use crate::plugins::exchange::{self, Exchange, StreamHook};
@@ -538,12 +538,18 @@ fn relay_response(
             .headers
             .insert("x-accel-buffering", HeaderValue::from_static("no"));
     }
+    let normalize_reasoning = matches!(pool.dialect, Dialect::Vllm | Dialect::Sglang);
+    if normalize_reasoning {
+        // A renamed key changes the length.
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
     let opts = RelayOptions {
         idle: pool.idle_timeout(),
         deadline,
         sse,
         pool: pool.name.clone(),
         trace_id: ids.trace_id.clone(),
+        normalize_reasoning,
     };
     let mut relay = Relay::new(up.first, up.body, opts, (up.lease, guards));
     if let Some(hook) = hook.filter(|_| sse) {

@@ -327,3 +327,30 @@ async fn ops_health_and_readiness() {
     assert_eq!(r.status(), 200);
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn reasoning_arrives_as_reasoning_content_whatever_the_engine_called_it() {
+    // Newer vLLM names the field `reasoning`.
+    let engine = EchoEngine::start_with(json!({
+        "id": "chatcmpl-r", "object": "chat.completion", "created": 0, "model": "deepseek-v4-flash",
+        "choices": [{"index": 0, "finish_reason": "stop",
+            "message": {"role": "assistant", "content": "42", "reasoning": "6 times 7"}}],
+    }))
+    .await;
+    let body = pool("p", &[engine.url()], "") + &tenant("acme", "p", KEY, "");
+    let gw = Gateway::start(&body).await;
+    let v: Value = http_client()
+        .post(gw.http_url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .json(&chat("deepseek-v4-flash", false))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let msg = &v["choices"][0]["message"];
+    assert_eq!(msg["reasoning_content"], "6 times 7", "{v}");
+    assert!(msg.get("reasoning").is_none());
+    gw.shutdown().await;
+}

@@ -151,6 +151,9 @@ pub async fn buffered(
                 })?;
         answer.extend_from_slice(&rest.to_bytes());
         drop(up.lease);
+        if let Some(renamed) = upstream::normalize_reasoning(&answer) {
+            answer = renamed.to_vec();
+        }
         let parsed: Value =
             serde_json::from_slice(&answer).map_err(|e| GatewayError::EngineFailed {
                 pool: pool.name.clone(),

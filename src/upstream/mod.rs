@@ -484,3 +484,46 @@ pub const HOP_BY_HOP: &[&str] = &[
     "trailer",
     "upgrade",
 ];
+
+/// Newer vLLM releases call the reasoning text `reasoning`; clients of the
+/// DeepSeek API and the OpenAI SDKs read `reasoning_content`. Rename the key
+/// in an engine's bytes (a whole answer or SSE events) when the engine used
+/// only the new name. A `"reasoning":` whose quote is not escaped can only be
+/// an object key in JSON, so a byte-level rename is exact.
+pub fn normalize_reasoning(data: &[u8]) -> Option<Bytes> {
+    const OLD: &[u8] = b"\"reasoning\":";
+    const NEW: &[u8] = b"\"reasoning_content\":";
+    let has = |needle: &[u8]| data.windows(needle.len()).any(|w| w == needle);
+    if !has(OLD) || has(b"\"reasoning_content\"") {
+        return None;
+    }
+    let mut out = Vec::with_capacity(data.len() + 64);
+    let mut i = 0;
+    while i < data.len() {
+        if data[i..].starts_with(OLD) && (i == 0 || data[i - 1] != b'\\') {
+            out.extend_from_slice(NEW);
+            i += OLD.len();
+        } else {
+            out.push(data[i]);
+            i += 1;
+        }
+    }
+    Some(Bytes::from(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasoning_key_is_renamed_only_as_a_key() {
+        let out =
+            normalize_reasoning(br#"data: {"delta":{"reasoning":"a \"reasoning\": b"}}"#).unwrap();
+        assert_eq!(
+            &out[..],
+            br#"data: {"delta":{"reasoning_content":"a \"reasoning\": b"}}"#
+        );
+        assert!(normalize_reasoning(br#"{"reasoning_content":"x","reasoning":"x"}"#).is_none());
+        assert!(normalize_reasoning(br#"{"content":"x"}"#).is_none());
+    }
+}

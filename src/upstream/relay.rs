@@ -59,6 +59,7 @@ pin_project! {
         pool: String,
         trace_id: String,
         hook: Option<Box<dyn EventHook>>,
+        normalize: bool,
         // Bytes of an event not yet complete (only with a hook).
         partial: Vec<u8>,
         // Held until the body ends or is dropped: replica lease, tenant and
@@ -77,6 +78,8 @@ pub struct RelayOptions {
     pub sse: bool,
     pub pool: String,
     pub trace_id: String,
+    /// Rename `reasoning` to `reasoning_content` (see `normalize_reasoning`).
+    pub normalize_reasoning: bool,
 }
 
 impl<G> Relay<G> {
@@ -94,6 +97,7 @@ impl<G> Relay<G> {
             pool: opts.pool,
             trace_id: opts.trace_id,
             hook: None,
+            normalize: opts.normalize_reasoning,
             partial: Vec::new(),
             guards,
         }
@@ -182,6 +186,40 @@ impl<G> Body for Relay<G> {
     type Error = BoxError;
 
     fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let normalize = self.normalize;
+        let polled = self.as_mut().poll_inner(cx);
+        if !normalize {
+            return polled;
+        }
+        polled.map(|item| {
+            item.map(|res| {
+                res.map(|frame| {
+                    match frame
+                        .data_ref()
+                        .and_then(|d| crate::upstream::normalize_reasoning(d))
+                    {
+                        Some(renamed) => Frame::data(renamed),
+                        None => frame,
+                    }
+                })
+            })
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+impl<G> Relay<G> {
+    fn poll_inner(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
@@ -248,14 +286,6 @@ impl<G> Body for Relay<G> {
                 Poll::Ready(Some(fail(err, *this.sse, this.trace_id)))
             }
         }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.done
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
     }
 }
 

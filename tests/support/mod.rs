@@ -221,6 +221,19 @@ pub struct EchoEngine {
 
 impl EchoEngine {
     pub async fn start() -> EchoEngine {
+        Self::start_with(serde_json::json!({
+            "id": "chatcmpl-echo", "object": "chat.completion", "created": 0,
+            "model": "deepseek-v4-flash",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                "message": {"role": "assistant", "content": "echo"}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+        }))
+        .await
+    }
+
+    /// An engine that answers every request with `answer`.
+    pub async fn start_with(answer: serde_json::Value) -> EchoEngine {
+        let answer = Bytes::from(answer.to_string());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
@@ -231,9 +244,11 @@ impl EchoEngine {
                     return;
                 };
                 let s = s.clone();
+                let answer = answer.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
                         let s = s.clone();
+                        let answer = answer.clone();
                         async move {
                             let (parts, body) = req.into_parts();
                             let body = body.collect().await.unwrap().to_bytes();
@@ -242,15 +257,7 @@ impl EchoEngine {
                                 headers: parts.headers,
                                 body,
                             });
-                            let answer = serde_json::json!({
-                                "id": "chatcmpl-echo", "object": "chat.completion", "created": 0,
-                                "model": "deepseek-v4-flash",
-                                "choices": [{"index": 0, "finish_reason": "stop",
-                                    "message": {"role": "assistant", "content": "echo"}}],
-                                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
-                            });
-                            let mut resp =
-                                http::Response::new(Full::new(Bytes::from(answer.to_string())));
+                            let mut resp = http::Response::new(Full::new(answer));
                             resp.headers_mut()
                                 .insert("content-type", "application/json".parse().unwrap());
                             Ok::<_, std::convert::Infallible>(resp)
