@@ -146,6 +146,8 @@ pub enum GatewayError {
         status: StatusCode,
         message: String,
     },
+    #[error("engine pool `{pool}` is saturated; retry after 1s")]
+    EngineBusy { pool: String },
     #[error("engine pool `{pool}` broke the stream: {reason}")]
     EngineStreamBroken { pool: String, reason: String },
 }
@@ -176,6 +178,7 @@ impl GatewayError {
             EngineUnreachable { .. }
             | EngineTimeout { .. }
             | EngineFailed { .. }
+            | EngineBusy { .. }
             | EngineStreamBroken { .. } => Layer::Provider,
         }
     }
@@ -198,7 +201,7 @@ impl GatewayError {
                 crate::plugins::chain::Fault::CircuitOpen(_) => StatusCode::SERVICE_UNAVAILABLE,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             },
-            Overloaded { .. } | TooManyConnections { .. } | ShuttingDown => {
+            Overloaded { .. } | TooManyConnections { .. } | ShuttingDown | EngineBusy { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -251,6 +254,7 @@ impl GatewayError {
             EngineTimeout { .. } => "engine_timeout",
             EngineFailed { .. } => "engine_error",
             EngineStreamBroken { .. } => "engine_stream_broken",
+            EngineBusy { .. } => "engine_busy",
         }
     }
 
@@ -273,7 +277,7 @@ impl GatewayError {
             GatewayError::TenantConcurrency { retry_after, .. }
             | GatewayError::Overloaded { retry_after }
             | GatewayError::TooManyConnections { retry_after } => Some(*retry_after),
-            GatewayError::ShuttingDown => Some(1),
+            GatewayError::ShuttingDown | GatewayError::EngineBusy { .. } => Some(1),
             _ => None,
         }
     }

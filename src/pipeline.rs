@@ -6,9 +6,12 @@
 //! 3. authenticate the tenant                             -> 401 customer
 //! 4. tenant concurrency (fair share on shared pools)     -> 429 customer
 //! 5. read and bound the body, check the JSON             -> 400/408/413 customer
-//! 6. check the model against the tenant's pool           -> 404 customer
-//! 7. call the pool (retries before the first byte)       -> 502/504 provider
-//! 8. relay the answer as it streams                      -> SSE error event
+//! 6. the tenant's plugins, on-request                    -> their 4xx customer,
+//!                                                           faults 500 plugin
+//! 7. check the model against the (re-routed) pool        -> 404 customer
+//! 8. call the pool (retries before the first byte)       -> 502/503/504 provider
+//!    (answers plugins judge: buffered or hooked, below)
+//! 9. relay the answer as it streams                      -> SSE error event
 //!
 //! Every failure is a [`GatewayError`]; it becomes HTTP in `errors.rs` only.
 
@@ -273,6 +276,13 @@ async fn serve(
     let bytes = read_body(&gw.limits, &parts.headers, incoming).await?;
     check_json_depth(&bytes, gw.limits.max_json_depth)?;
     let head: RequestHead = serde_json::from_slice(&bytes).map_err(json_error)?;
+    // serde also reads a struct from an array; the API takes objects only.
+    if bytes.trim_ascii_start().first() != Some(&b'{') {
+        return Err(GatewayError::InvalidRequest {
+            message: "the request body must be a JSON object".into(),
+            param: None,
+        });
+    }
     let mut stream = head.stream.unwrap_or(false);
     let mut model = head.model.into_owned();
     let mut pool = tenant.pool.clone();
@@ -309,8 +319,14 @@ async fn serve(
         if stream
             && !settlement.is_empty()
             && doc.pointer("/stream_options/include_usage") != Some(&Value::Bool(true))
+            && let Some(obj) = doc.as_object_mut()
         {
-            doc["stream_options"] = json!({"include_usage": true});
+            // Keep the client's other stream options.
+            let options = obj.entry("stream_options").or_insert_with(|| json!({}));
+            if !options.is_object() {
+                *options = json!({});
+            }
+            options["include_usage"] = Value::Bool(true);
             strip_usage = true;
             modified = true;
         }
@@ -350,7 +366,7 @@ async fn serve(
 
     // Answers that plugins judge or that settle token limits pass through hooks.
     let mut hook = None;
-    if let Some(mut ex) = exchange.filter(|ex| ex.inspects(stream)) {
+    if let Some(ex) = exchange.filter(|ex| ex.inspects(stream)) {
         if !stream {
             let doc = patched_body.unwrap_or_default();
             let resp =
@@ -359,7 +375,6 @@ async fn serve(
             drop(guards);
             return Ok(resp);
         }
-        ex.settlement.engine_called();
         hook = Some(Box::new(StreamHook::new(ex, ids.trace_id.clone())) as Box<dyn EventHook>);
     }
 
@@ -526,7 +541,7 @@ fn relay_response(
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
-    let deadline = (!stream).then(|| tokio::time::Instant::now() + pool.request_timeout());
+    let deadline = up.deadline;
     let mut parts = up.parts;
     for name in upstream::HOP_BY_HOP {
         parts.headers.remove(*name);

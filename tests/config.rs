@@ -158,3 +158,51 @@ sha256 = "{}"
         "{text}"
     );
 }
+
+#[test]
+fn extra_pools_cannot_reach_into_a_dedicated_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("extra.toml");
+    let key = |s: &str| sluice::config::hash_key(s);
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[server]
+http = "127.0.0.1:8080"
+[[pools]]
+name = "shared"
+endpoints = ["http://a:1"]
+models = ["m"]
+[[pools]]
+name = "acme-own"
+endpoints = ["http://b:1"]
+models = ["m"]
+[[tenants]]
+id = "acme"
+deployment = "dedicated"
+pool = "acme-own"
+[[tenants.api_keys]]
+id = "k"
+sha256 = "{}"
+[[tenants]]
+id = "sneaky"
+deployment = "serverless"
+pool = "shared"
+extra_pools = ["acme-own"]
+[[tenants.api_keys]]
+id = "k"
+sha256 = "{}"
+"#,
+            key("a"),
+            key("b")
+        ),
+    )
+    .unwrap();
+    let (ok, text) = check(&cfg);
+    assert!(!ok);
+    assert!(
+        text.contains("is dedicated for tenant \"acme\" but also used by \"sneaky\""),
+        "{text}"
+    );
+}

@@ -417,3 +417,41 @@ async fn connections_over_the_cap_get_503() {
     drop(first);
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_json_array_body_is_400_not_a_crash() {
+    let (_e, gw) = gateway_over_sim(&[], "", "").await;
+    let resp = post(&gw)
+        .bearer_auth(KEY)
+        .header("content-type", "application/json")
+        .body(r#"["deepseek-v4-flash", true]"#)
+        .send()
+        .await
+        .unwrap();
+    let (s, e, _) = error_of(resp).await;
+    assert_eq!((s, e["code"].as_str()), (400, Some("invalid_request")));
+    assert!(e["message"].as_str().unwrap().contains("JSON object"));
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_saturated_engine_pool_is_503_with_retry_after() {
+    let engine = EchoEngine::start_status(429, json!({"error": {"message": "queue full"}})).await;
+    let body = pool("p", &[engine.url()], "") + &tenant("acme", "p", KEY, "");
+    let gw = Gateway::start(&body).await;
+    let (s, e, h) = error_of(
+        post(&gw)
+            .bearer_auth(KEY)
+            .json(&chat("deepseek-v4-flash", false))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (s, e["code"].as_str(), e["layer"].as_str()),
+        (503, Some("engine_busy"), Some("provider"))
+    );
+    assert_eq!(h["retry-after"], "1");
+    gw.shutdown().await;
+}

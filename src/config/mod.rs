@@ -498,6 +498,12 @@ impl Config {
                         format!("{at}.extra_pools[{j}]"),
                         format!("no pool named {extra:?}"),
                     );
+                } else if extra != &t.pool {
+                    // Reachable through plugins counts as use: keeps dedicated pools isolated.
+                    pool_users
+                        .entry(extra.as_str())
+                        .or_default()
+                        .push((t.id.as_str(), Deployment::Serverless));
                 }
             }
             for (j, p) in t.plugins.iter().enumerate() {

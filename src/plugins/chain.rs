@@ -31,6 +31,10 @@ pub enum Fault {
     BadDecision(String),
     #[error("is suspended for {0:?} after repeated failures")]
     CircuitOpen(Duration),
+    /// Not the plugin's doing: the host could not make an instance (the
+    /// pool of instances is full).
+    #[error("could not be instantiated: {0}")]
+    NoCapacity(String),
 }
 
 impl Fault {
@@ -41,6 +45,7 @@ impl Fault {
             Fault::StackOverflow | Fault::Trap(_) => "plugin_trap",
             Fault::BadDecision(_) => "plugin_bad_decision",
             Fault::CircuitOpen(_) => "plugin_suspended",
+            Fault::NoCapacity(_) => "plugin_capacity",
         }
     }
 }
@@ -178,11 +183,15 @@ impl Entry {
         });
         store.data_mut().call.cpu_start = thread_cpu_now();
         store.set_epoch_deadline(deadline_ticks(settings.timeout));
-        let policy = self
-            .compiled
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| self.classify(e))?;
+        let policy = self.compiled.pre.instantiate(&mut store).map_err(|e| {
+            // A trap in the guest's start-up is the plugin's; anything else
+            // (the instance pool is full) is the host's.
+            if e.downcast_ref::<Trap>().is_some() {
+                self.classify(e)
+            } else {
+                Fault::NoCapacity(format!("{e:#}"))
+            }
+        })?;
         Ok(Live {
             store,
             policy,
@@ -211,7 +220,9 @@ impl Entry {
             None => match self.instantiate() {
                 Ok(l) => l,
                 Err(fault) => {
-                    self.record_failure(&fault);
+                    if !matches!(fault, Fault::NoCapacity(_)) {
+                        self.record_failure(&fault);
+                    }
                     return Err(fault);
                 }
             },

@@ -62,6 +62,8 @@ impl StreamHook {
 
 impl EventHook for StreamHook {
     fn on_event(&mut self, data: &[u8]) -> EventAction {
+        // The engine answered: from here on its tokens count.
+        self.exchange.settlement.engine_called();
         let Ok(chunk) = serde_json::from_slice::<Value>(data) else {
             return EventAction::Pass;
         };
@@ -90,7 +92,10 @@ impl EventHook for StreamHook {
                 reasoning_delta,
                 finish_reason,
             };
-            if let Err(e) = phases::on_chunk(&self.exchange.chain, &mut self.exchange.ctx, &view) {
+            let verdict = phases::on_chunk(&self.exchange.chain, &mut self.exchange.ctx, &view);
+            let reserved = std::mem::take(&mut self.exchange.ctx.reservations);
+            self.exchange.settlement.add(reserved);
+            if let Err(e) = verdict {
                 return EventAction::Fail(e.sse_event(&self.trace_id));
             }
         }
@@ -102,12 +107,15 @@ impl EventHook for StreamHook {
             return None;
         }
         let response = self.acc.view();
-        match phases::on_response(
+        let verdict = phases::on_response(
             &self.exchange.chain,
             &mut self.exchange.ctx,
             &self.exchange.view,
             &response,
-        ) {
+        );
+        let reserved = std::mem::take(&mut self.exchange.ctx.reservations);
+        self.exchange.settlement.add(reserved);
+        match verdict {
             Ok(_) => None,
             Err(e) => Some(e.sse_event(&self.trace_id)),
         }
@@ -133,9 +141,11 @@ pub async fn buffered(
         let bytes = Bytes::from(
             serde_json::to_vec(&body).map_err(|e| GatewayError::Internal(e.to_string()))?,
         );
-        exchange.settlement.engine_called();
         let up = pool.send(path, headers, bytes, false, ids).await?;
-        let deadline = tokio::time::Instant::now() + pool.request_timeout();
+        exchange.settlement.engine_called();
+        let deadline = up
+            .deadline
+            .unwrap_or_else(|| tokio::time::Instant::now() + pool.request_timeout());
         let mut answer = up.first.map(|b| b.to_vec()).unwrap_or_default();
         let rest =
             tokio::time::timeout_at(deadline, Limited::new(up.body, MAX_ANSWER_BYTES).collect())

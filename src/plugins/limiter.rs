@@ -40,6 +40,10 @@ impl Outcome {
     };
 }
 
+/// Buckets kept at most, per kind: plugins choose bucket names, so the
+/// host bounds how many it will keep.
+const MAX_BUCKETS: usize = 100_000;
+
 #[derive(Default)]
 pub struct Limiters {
     requests: Mutex<HashMap<BucketKey, Arc<DefaultDirectRateLimiter>>>,
@@ -56,6 +60,10 @@ impl Limiters {
         };
         let limiter = {
             let mut map = self.requests.lock().unwrap_or_else(PoisonError::into_inner);
+            if map.len() >= MAX_BUCKETS && !map.contains_key(&key) {
+                tracing::warn!(tenant = %key.tenant, plugin = %key.plugin, "request bucket limit reached; refusing a new bucket");
+                return refused(Duration::from_secs(60));
+            }
             map.entry(key)
                 .or_insert_with(|| {
                     Arc::new(RateLimiter::direct(
@@ -82,6 +90,10 @@ impl Limiters {
         }
         let bucket = {
             let mut map = self.tokens.lock().unwrap_or_else(PoisonError::into_inner);
+            if map.len() >= MAX_BUCKETS && !map.contains_key(&key) {
+                tracing::warn!(tenant = %key.tenant, plugin = %key.plugin, "token bucket limit reached; refusing a new bucket");
+                return (refused(Duration::from_secs(60)), None);
+            }
             map.entry(key.clone())
                 .or_insert_with(|| Arc::new(TokenBucket::new(key.per_minute, key.burst)))
                 .clone()

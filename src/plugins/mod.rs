@@ -61,7 +61,7 @@ impl Default for Settings {
         Settings {
             timeout: Duration::from_millis(10),
             max_memory: 64 << 20,
-            max_instances: 2000,
+            max_instances: 4000,
             reuse_instances: true,
         }
     }

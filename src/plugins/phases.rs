@@ -55,6 +55,13 @@ fn rejected(entry: &Entry, r: Rejection) -> GatewayError {
 
 /// A failed call: fail-closed refuses, fail-open goes on.
 fn failed(entry: &Entry, fault: Fault) -> Result<(), GatewayError> {
+    if let Fault::NoCapacity(reason) = &fault {
+        tracing::error!(plugin = %entry.name, %reason, "no plugin instance available");
+        return match entry.failure {
+            FailurePolicy::FailClosed => Err(GatewayError::Overloaded { retry_after: 1 }),
+            FailurePolicy::FailOpen => Ok(()),
+        };
+    }
     match entry.failure {
         FailurePolicy::FailClosed => Err(GatewayError::PluginFailed {
             plugin: entry.name.to_string(),

@@ -234,12 +234,18 @@ impl Conn {
     {
         let gateway = self.gateway;
         let over_cap = self.over_cap;
+        // Past the cap: answer once, then close (HTTP/2 ignores
+        // `Connection: close`, so the connection is shut down gracefully).
+        let answered = Arc::new(tokio::sync::Notify::new());
+        let answered_svc = answered.clone();
         let svc = service_fn(move |req: Request<Incoming>| {
             let gateway = gateway.clone();
+            let answered = answered_svc.clone();
             async move {
                 if over_cap {
                     let ids = crate::telemetry::RequestIds::from_headers(req.headers());
                     let err = GatewayError::TooManyConnections { retry_after: 1 };
+                    answered.notify_one();
                     return Ok::<_, Infallible>(ids.decorate(err.into_response(&ids.trace_id)));
                 }
                 Ok(crate::pipeline::handle(gateway, req).await)
@@ -251,6 +257,10 @@ impl Conn {
             r = conn.as_mut() => r,
             _ = self.stop.cancelled() => {
                 // Finish the requests in flight, take no new ones.
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+            _ = answered.notified(), if over_cap => {
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }

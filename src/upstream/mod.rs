@@ -76,6 +76,8 @@ pub struct Upstream {
     pub lease: Lease,
     pub replica: String,
     pub attempts: u32,
+    /// For non-streamed answers: when the whole answer must have arrived.
+    pub deadline: Option<tokio::time::Instant>,
 }
 
 /// Counts a request as outstanding on its replica until dropped.
@@ -322,13 +324,18 @@ impl Pool {
         let resp = match tokio::time::timeout_at(deadline, self.client.request(req)).await {
             Err(_) => return Err(timeout()),
             Ok(Err(e)) => {
-                if e.is_connect() {
+                // Replica addresses and socket errors go to the log, not to customers.
+                tracing::warn!(pool = %self.name, replica = %replica.url, error = %error_chain(&e), "engine request failed");
+                let reason = if e.is_connect() {
                     self.eject(idx);
-                }
+                    "could not connect"
+                } else {
+                    "the connection closed before an answer"
+                };
                 return Err(AttemptError::Retryable(GatewayError::EngineUnreachable {
                     pool: self.name.clone(),
                     attempts: 1,
-                    reason: format!("{}: {}", replica.url, error_chain(&e)),
+                    reason: reason.into(),
                 }));
             }
             Ok(Ok(r)) => r,
@@ -343,9 +350,10 @@ impl Pool {
                 Err(_) => return Err(timeout()),
                 Ok(None) => break None,
                 Ok(Some(Err(e))) => {
+                    tracing::warn!(pool = %self.name, replica = %replica.url, error = %e, "engine body failed before the first chunk");
                     return Err(AttemptError::Retryable(GatewayError::EngineStreamBroken {
                         pool: self.name.clone(),
-                        reason: format!("{} before the first chunk: {e}", replica.url),
+                        reason: "the answer broke off before its first chunk".into(),
                     }));
                 }
                 Ok(Some(Ok(frame))) => match frame.into_data() {
@@ -362,6 +370,7 @@ impl Pool {
             lease,
             replica: replica.url.clone(),
             attempts: 1,
+            deadline: (!stream).then_some(deadline),
         })
     }
 
@@ -395,8 +404,12 @@ impl Pool {
                 message,
                 param,
             }),
-            // Overloaded or failing replica: another may do better.
-            429 | 500..=599 => AttemptError::Retryable(GatewayError::EngineFailed {
+            // Overloaded: another replica may have room.
+            429 => AttemptError::Retryable(GatewayError::EngineBusy {
+                pool: self.name.clone(),
+            }),
+            // Failing replica: another may do better.
+            500..=599 => AttemptError::Retryable(GatewayError::EngineFailed {
                 pool: self.name.clone(),
                 status,
                 message,

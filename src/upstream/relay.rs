@@ -261,6 +261,17 @@ impl<G> Relay<G> {
             }
             Poll::Ready(None) => {
                 *this.done = true;
+                // An event the engine did not close with a blank line: end it
+                // here so the hook (and [DONE] handling) still sees it.
+                if let Some(hook) = this.hook.as_mut()
+                    && !this.partial.is_empty()
+                {
+                    let (out, _) = run_hook(hook.as_mut(), this.partial, b"\n\n");
+                    this.partial.clear();
+                    if !out.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(out))));
+                    }
+                }
                 if *this.sse && !ends_with_done(this.tail) {
                     let err = GatewayError::EngineStreamBroken {
                         pool: this.pool.clone(),

@@ -233,6 +233,11 @@ impl EchoEngine {
 
     /// An engine that answers every request with `answer`.
     pub async fn start_with(answer: serde_json::Value) -> EchoEngine {
+        Self::start_status(200, answer).await
+    }
+
+    /// An engine that answers every request with `status` and `answer`.
+    pub async fn start_status(status: u16, answer: serde_json::Value) -> EchoEngine {
         let answer = Bytes::from(answer.to_string());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -258,6 +263,7 @@ impl EchoEngine {
                                 body,
                             });
                             let mut resp = http::Response::new(Full::new(answer));
+                            *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
                             resp.headers_mut()
                                 .insert("content-type", "application/json".parse().unwrap());
                             Ok::<_, std::convert::Infallible>(resp)
