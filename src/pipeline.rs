@@ -6,11 +6,11 @@
 //! 3. authenticate the tenant                             -> 401 customer
 //! 4. tenant concurrency (fair share on shared pools)     -> 429 customer
 //! 5. read and bound the body, check the JSON             -> 400/408/413 customer
-//! 6. the tenant's plugins, on-request                    -> their 4xx customer,
-//!                                                           faults 500 plugin
+//! 6. the tenant's plugins, on-request                    -> their 4xx customer;
+//!    a failing plugin by its failure policy              -> 500 plugin
 //! 7. check the model against the (re-routed) pool        -> 404 customer
-//! 8. call the pool (retries before the first byte)       -> 502/503/504 provider
-//!    (answers plugins judge: buffered or hooked, below)
+//! 8. call the pool (retries before the first byte)       -> 502/503/504 provider;
+//!    answers plugins judge are buffered or hooked
 //! 9. relay the answer as it streams                      -> SSE error event
 //!
 //! Every failure is a [`GatewayError`]; it becomes HTTP in `errors.rs` only.
