@@ -5,5 +5,5 @@ wasmtime::component::bindgen!({
     path: "wit",
 });
 
-pub use sluice::policy::host::{Level, LimitOutcome, Scope};
-pub use sluice::policy::types::*;
+pub use self::sluice::policy::host::{Level, LimitOutcome, Scope};
+pub use self::sluice::policy::types::*;
