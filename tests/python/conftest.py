@@ -15,6 +15,7 @@ import trustme
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "sk-py-acme"
 LIMITED_KEY = "sk-py-limited"
+POLICY_KEY = "sk-py-policy"
 
 
 def _free_port() -> int:
@@ -98,6 +99,26 @@ max_concurrent_requests = 1
 [[tenants.api_keys]]
 id = "py"
 sha256 = "{_sha(LIMITED_KEY)}"
+
+[[tenants]]
+id = "policy"
+deployment = "serverless"
+pool = "p"
+[[tenants.api_keys]]
+id = "py"
+sha256 = "{_sha(POLICY_KEY)}"
+[[tenants.plugins]]
+builtin = "rate-limit"
+config = {{ requests_per_minute = 60, request_burst = 6 }}
+[[tenants.plugins]]
+builtin = "context-cap"
+config = {{ max_input_tokens = 1000 }}
+[[tenants.plugins]]
+builtin = "thinking-policy"
+config = {{ tasks = {{ agent = "force-on" }} }}
+[[tenants.plugins]]
+builtin = "output-validator"
+config = {{ max_retries = 1 }}
 """
     )
     proxy = subprocess.Popen([_binary(), "serve", "--config", str(config)], stdout=subprocess.DEVNULL)

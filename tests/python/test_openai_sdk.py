@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import KEY, LIMITED_KEY
+from conftest import KEY, LIMITED_KEY, POLICY_KEY
 
 MODEL = "deepseek-v4-flash"
 WEATHER_TOOL = {
@@ -191,3 +191,52 @@ def test_concurrent_streams(sluice):
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+# --- the tenant's WebAssembly policy plugins, seen through the SDK ----------
+# One test walks the whole policy tenant, in order, because its rate-limit
+# bucket (burst 6) is shared by every request it makes.
+
+
+def test_policy_plugins_through_the_sdk(sluice):
+    c = client(sluice, key=POLICY_KEY)
+
+    # 1. thinking-policy: the "agent" task forces thinking on; the stream
+    #    carries reasoning_content deltas.
+    stream = c.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Plan a trip"}],
+        max_tokens=30,
+        stream=True,
+        extra_headers={"x-sluice-task": "agent"},
+    )
+    reasoning = "".join((ch.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for ch in stream if ch.choices)
+    assert reasoning.strip()
+
+    # 2. context-cap: a prompt over 1000 tokens is a BadRequestError.
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "word " * 3000}])
+    assert e.value.body["code"] == "context_length_exceeded"
+    assert e.value.body["layer"] == "customer"
+
+    # 3. output-validator: invalid JSON output, retried once, then a 422.
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        c.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "JSON please"}],
+            response_format={"type": "json_object"},
+            extra_body={"sim": {"fault": "invalid_json"}},
+        )
+    assert e.value.body["code"] == "output_validation_failed"
+
+    # 4. rate-limit: the burst of 6 is spent; the next one is a RateLimitError.
+    limited = None
+    for _ in range(10):
+        try:
+            c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        except openai.RateLimitError as err:
+            limited = err
+            break
+    assert limited is not None, "the burst never ran out"
+    assert limited.body["code"] == "rate_limit_exceeded"
+    assert int(limited.response.headers["retry-after"]) >= 1
