@@ -27,6 +27,20 @@ pub enum Layer {
     Provider,
 }
 
+/// Cut `s` to at most `max` bytes on a character boundary; true if it was cut.
+/// Bounds text that a plugin or an engine hands us before it is relayed or logged.
+pub fn truncate_utf8(s: &mut String, max: usize) -> bool {
+    if s.len() <= max {
+        return false;
+    }
+    let mut cut = max;
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    s.truncate(cut);
+    true
+}
+
 impl Layer {
     pub fn as_str(self) -> &'static str {
         match self {

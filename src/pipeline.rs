@@ -307,7 +307,7 @@ async fn serve(
         let outcome =
             phases::on_request(&tenant.chain, &mut ctx, &mut doc, &mut fwd_headers, &input);
         let mut settlement = Settlement::default();
-        settlement.add(std::mem::take(&mut ctx.reservations));
+        settlement.collect(&mut ctx);
         let outcome = outcome?;
         headers = fwd_headers;
         if let Some((name, plugin)) = &outcome.pool {

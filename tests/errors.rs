@@ -12,24 +12,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const KEY: &str = "sk-test-acme";
 
-async fn error_of(resp: reqwest::Response) -> (u16, Value, reqwest::header::HeaderMap) {
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let v: Value = resp.json().await.expect("error body is JSON");
-    let e = &v["error"];
-    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
-    assert!(e["type"].is_string() && e["code"].is_string(), "{v}");
-    assert!(e.get("param").is_some(), "{v}");
-    let trace = e["trace_id"].as_str().unwrap();
-    assert_eq!(trace.len(), 32);
-    let tp = headers["traceparent"].to_str().unwrap();
-    assert!(
-        tp.contains(trace),
-        "trace id in body matches the traceparent header"
-    );
-    (status, v["error"].clone(), headers)
-}
-
 async fn gateway_over_sim(
     sim_flags: &[&str],
     pool_extra: &str,

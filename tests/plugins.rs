@@ -37,19 +37,6 @@ fn post(gw: &Gateway, key: &str) -> reqwest::RequestBuilder {
         .bearer_auth(key)
 }
 
-/// Status, the `error` object (shape checked) and the headers of an error.
-async fn error_of(resp: reqwest::Response) -> (u16, Value, reqwest::header::HeaderMap) {
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let v: Value = resp.json().await.expect("error body is JSON");
-    let e = &v["error"];
-    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
-    assert!(e["type"].is_string() && e["code"].is_string(), "{v}");
-    assert!(e.get("param").is_some(), "{v}");
-    assert_eq!(e["trace_id"].as_str().map(str::len), Some(32), "{v}");
-    (status, v["error"].clone(), headers)
-}
-
 /// Expect a 200 and return the body.
 async fn ok_text(resp: reqwest::Response) -> String {
     let status = resp.status();

@@ -93,8 +93,7 @@ impl EventHook for StreamHook {
                 finish_reason,
             };
             let verdict = phases::on_chunk(&self.exchange.chain, &mut self.exchange.ctx, &view);
-            let reserved = std::mem::take(&mut self.exchange.ctx.reservations);
-            self.exchange.settlement.add(reserved);
+            self.exchange.settlement.collect(&mut self.exchange.ctx);
             if let Err(e) = verdict {
                 return EventAction::Fail(e.sse_event(&self.trace_id));
             }
@@ -113,8 +112,7 @@ impl EventHook for StreamHook {
             &self.exchange.view,
             &response,
         );
-        let reserved = std::mem::take(&mut self.exchange.ctx.reservations);
-        self.exchange.settlement.add(reserved);
+        self.exchange.settlement.collect(&mut self.exchange.ctx);
         match verdict {
             Ok(_) => None,
             Err(e) => Some(e.sse_event(&self.trace_id)),

@@ -120,13 +120,7 @@ impl sluice::policy::host::Host for HostState {
 
     fn log(&mut self, level: Level, message: String) {
         let mut message = message;
-        if message.len() > MAX_LOG_BYTES {
-            let mut cut = MAX_LOG_BYTES;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-        }
+        crate::errors::truncate_utf8(&mut message, MAX_LOG_BYTES);
         let (tenant, plugin, trace_id) = (&*self.tenant, &*self.plugin, &self.call.trace_id);
         match level {
             Level::Debug => tracing::debug!(tenant, plugin, trace_id, "{message}"),

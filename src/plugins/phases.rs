@@ -27,13 +27,7 @@ fn rejected(entry: &Entry, r: Rejection) -> GatewayError {
         };
     };
     let mut message = r.message;
-    if message.len() > MAX_MESSAGE {
-        let mut cut = MAX_MESSAGE;
-        while !message.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        message.truncate(cut);
-    }
+    crate::errors::truncate_utf8(&mut message, MAX_MESSAGE);
     let code: String = r
         .code
         .chars()
@@ -206,8 +200,9 @@ pub struct Settlement {
 }
 
 impl Settlement {
-    pub fn add(&mut self, mut r: Vec<Reservation>) {
-        self.reservations.append(&mut r);
+    /// Take over the reservations a hook call made.
+    pub fn collect(&mut self, ctx: &mut CallCtx) {
+        self.reservations.append(&mut ctx.reservations);
     }
 
     pub fn is_empty(&self) -> bool {

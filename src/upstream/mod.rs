@@ -441,12 +441,7 @@ fn engine_message(body: &[u8]) -> (Option<String>, Option<String>) {
 }
 
 fn truncate(mut s: String, max: usize) -> String {
-    if s.len() > max {
-        let mut cut = max;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
+    if crate::errors::truncate_utf8(&mut s, max) {
         s.push('…');
     }
     s
