@@ -13,10 +13,12 @@ fn fixture() -> String {
     format!("{}/hostile.wasm", env!("SLUICE_PLUGIN_COMPONENTS"))
 }
 
+/// The deadline leaves room for the memory modes to reach the 16 MiB cap
+/// first, even on a loaded machine; the loop modes run into the deadline.
 async fn setup(mode: &str, failure: &str) -> (sluice::sim::SimHandle, Gateway) {
     let engine = sim_engine(&["--ttft", "1", "--tpot", "1"]).await;
     let body = format!(
-        "[plugin_host]\ntimeout = \"20ms\"\nmax_memory = 16777216\n{}{}\n[[tenants.plugins]]\npath = {:?}\nconfig = {{ mode = \"{mode}\" }}\nfailure = \"{failure}\"\n{}\n[[tenants.plugins]]\nbuiltin = \"rate-limit\"\nconfig = {{ requests_per_minute = 100000 }}\n",
+        "[plugin_host]\ntimeout = \"100ms\"\nmax_memory = 16777216\n{}{}\n[[tenants.plugins]]\npath = {:?}\nconfig = {{ mode = \"{mode}\" }}\nfailure = \"{failure}\"\n{}\n[[tenants.plugins]]\nbuiltin = \"rate-limit\"\nconfig = {{ requests_per_minute = 100000 }}\n",
         pool("p", &[url(&engine)], ""),
         tenant("evil", "p", EVIL, ""),
         fixture(),
