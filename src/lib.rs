@@ -7,6 +7,7 @@ pub mod config;
 pub mod errors;
 pub mod pipeline;
 pub mod plugins;
+pub mod registry;
 pub mod server;
 pub mod sim;
 pub mod telemetry;

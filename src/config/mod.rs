@@ -62,7 +62,7 @@ impl Default for PluginHostConfig {
 }
 
 /// What happens to a request when a plugin call fails.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum FailurePolicy {
     /// Refuse the request (layer `plugin`). The default.
