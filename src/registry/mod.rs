@@ -3,4 +3,5 @@
 
 pub mod fs;
 pub mod model;
+pub mod redis;
 pub mod store;
