@@ -1,6 +1,8 @@
 //! Shared test harness: real sockets, real TLS, the real simulated engine.
 #![allow(dead_code)]
 
+pub mod redis;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
