@@ -367,3 +367,129 @@ mod tests {
         assert_eq!(r.headers()[header::RETRY_AFTER], "2");
     }
 }
+
+/// Failures of the admin API. The same body shape as the serving API, with
+/// layer `customer` for what the caller can fix and `gateway` for the rest.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("missing admin key: send `Authorization: Bearer <admin key>`")]
+    MissingKey,
+    #[error("invalid admin key")]
+    InvalidKey,
+    /// Also what a tenant admin sees for any tenant but its own, so that it
+    /// cannot learn which tenants exist.
+    #[error("no tenant {0:?}")]
+    NoTenant(String),
+    #[error("no admin route {method} {path}")]
+    NotFound { method: String, path: String },
+    #[error("{method} is not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
+    #[error(
+        "plugin name {0:?}: use 1-64 chars of a-z, 0-9, '-', '_' or '.', starting with a letter or digit"
+    )]
+    BadName(String),
+    #[error("the component is larger than the {limit}-byte limit")]
+    TooLarge { limit: usize },
+    #[error("invalid JSON body: {0}")]
+    BadJson(String),
+    #[error("cannot read the request body: {0}")]
+    BodyRead(String),
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
+}
+
+impl AdminError {
+    pub fn status(&self) -> StatusCode {
+        use crate::plugins::LoadError;
+        use crate::registry::RegistryError as R;
+        match self {
+            AdminError::MissingKey | AdminError::InvalidKey => StatusCode::UNAUTHORIZED,
+            AdminError::NoTenant(_) | AdminError::NotFound { .. } => StatusCode::NOT_FOUND,
+            AdminError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            AdminError::BadName(_) | AdminError::BadJson(_) | AdminError::BodyRead(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            AdminError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            AdminError::Registry(e) => match e {
+                R::NoPlugin(_) | R::NoVersion { .. } => StatusCode::NOT_FOUND,
+                R::NoEarlierVersion(_) | R::InChain(_) | R::Contended(_) => StatusCode::CONFLICT,
+                R::Refused(LoadError::NotAComponent(_)) => StatusCode::BAD_REQUEST,
+                R::Refused(_) | R::ChainRefused { .. } | R::CheckTimeout(_) => {
+                    StatusCode::UNPROCESSABLE_ENTITY
+                }
+                R::BadChain(_) => StatusCode::BAD_REQUEST,
+                R::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            },
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        use crate::plugins::LoadError;
+        use crate::registry::RegistryError as R;
+        match self {
+            AdminError::MissingKey => "missing_admin_key",
+            AdminError::InvalidKey => "invalid_admin_key",
+            AdminError::NoTenant(_) => "tenant_not_found",
+            AdminError::NotFound { .. } => "not_found",
+            AdminError::MethodNotAllowed { .. } => "method_not_allowed",
+            AdminError::BadName(_) => "invalid_plugin_name",
+            AdminError::TooLarge { .. } => "plugin_too_large",
+            AdminError::BadJson(_) => "invalid_json",
+            AdminError::BodyRead(_) => "body_read_error",
+            AdminError::Registry(e) => match e {
+                R::NoPlugin(_) => "plugin_not_found",
+                R::NoVersion { .. } => "version_not_found",
+                R::NoEarlierVersion(_) => "no_earlier_version",
+                R::InChain(_) => "plugin_in_chain",
+                R::Contended(_) => "conflict",
+                R::Refused(LoadError::NotAComponent(_)) => "not_a_component",
+                R::Refused(LoadError::Incompatible(_)) => "incompatible_component",
+                R::Refused(LoadError::Config(_)) | R::ChainRefused { .. } => {
+                    "plugin_config_refused"
+                }
+                R::Refused(LoadError::Describe(_)) => "plugin_describe_failed",
+                R::CheckTimeout(_) => "check_timeout",
+                R::BadChain(_) => "invalid_chain",
+                R::Store(_) => "registry_unavailable",
+            },
+        }
+    }
+
+    pub fn layer(&self) -> Layer {
+        if self.status().is_server_error() {
+            Layer::Gateway
+        } else {
+            Layer::Customer
+        }
+    }
+
+    pub fn into_response(&self, trace_id: &str) -> Response<ProxyBody> {
+        let kind = match self.status().as_u16() {
+            401 => "authentication_error",
+            404 => "not_found_error",
+            409 => "conflict_error",
+            500..=599 => "api_error",
+            _ => "invalid_request_error",
+        };
+        let body = json!({
+            "error": {
+                "message": self.to_string(),
+                "type": kind,
+                "code": self.code(),
+                "layer": self.layer().as_str(),
+                "trace_id": trace_id,
+            }
+        });
+        let mut resp = Response::new(body::json(&body));
+        *resp.status_mut() = self.status();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if self.status() == StatusCode::SERVICE_UNAVAILABLE {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(1u64));
+        }
+        resp
+    }
+}

@@ -1,6 +1,7 @@
 //! Sluice: an edge gateway for LLM inference. See ARCHITECTURE.md for the map.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod auth;
 pub mod body;
 pub mod config;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use sluice::admin::client as admin_client;
 use sluice::config::{self, Config, demo};
 use sluice::{server, sim, telemetry};
 
@@ -58,6 +59,51 @@ enum PluginCommand {
         #[arg(long, default_value = "{}")]
         config: String,
     },
+    /// Upload a component as the next version of a plugin (admin API).
+    Upload {
+        file: PathBuf,
+        /// The plugin's name in the registry. Default: the file's stem.
+        #[arg(long)]
+        name: Option<String>,
+        /// Also add it to the end of the tenant's chain (when not in it yet).
+        #[arg(long)]
+        chain: bool,
+        /// With --chain: the step's config (JSON object).
+        #[arg(long, default_value = "{}")]
+        config: String,
+        /// With --chain: the step's failure policy.
+        #[arg(long, value_enum, default_value = "fail-closed")]
+        failure: admin_client::Failure,
+        #[command(flatten)]
+        target: admin_client::Target,
+    },
+    /// List uploaded plugins and their versions (`*` marks the active one).
+    List {
+        name: Option<String>,
+        #[command(flatten)]
+        target: admin_client::Target,
+    },
+    /// Make an earlier version active (default: the one before the active).
+    Rollback {
+        name: String,
+        #[arg(long)]
+        to: Option<u32>,
+        #[command(flatten)]
+        target: admin_client::Target,
+    },
+    /// Delete a plugin and its versions (it must not be in the chain).
+    Delete {
+        name: String,
+        #[command(flatten)]
+        target: admin_client::Target,
+    },
+    /// Show or change the tenant's chain.
+    Chain {
+        #[command(subcommand)]
+        command: admin_client::ChainCommand,
+        #[command(flatten)]
+        target: admin_client::Target,
+    },
 }
 
 fn main() -> ExitCode {
@@ -90,6 +136,40 @@ fn main() -> ExitCode {
             serve(cfg, None).await
         }),
         Command::SimEngine { listen, options } => run(sim::run(listen, options)),
+        Command::Plugin(PluginCommand::Upload {
+            file,
+            name,
+            chain,
+            config,
+            failure,
+            target,
+        }) => run(async move {
+            let name = match name {
+                Some(n) => n,
+                None => file
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().replace('_', "-"))
+                    .ok_or_else(|| anyhow::anyhow!("pass --name"))?,
+            };
+            let client = admin_client::Client::connect(target).await?;
+            client.upload(&file, &name, chain, &config, failure).await
+        }),
+        Command::Plugin(PluginCommand::List { name, target }) => run(async move {
+            let client = admin_client::Client::connect(target).await?;
+            client.list(name.as_deref()).await
+        }),
+        Command::Plugin(PluginCommand::Rollback { name, to, target }) => run(async move {
+            let client = admin_client::Client::connect(target).await?;
+            client.rollback(&name, to).await
+        }),
+        Command::Plugin(PluginCommand::Delete { name, target }) => run(async move {
+            let client = admin_client::Client::connect(target).await?;
+            client.delete(&name).await
+        }),
+        Command::Plugin(PluginCommand::Chain { command, target }) => run(async move {
+            let client = admin_client::Client::connect(target).await?;
+            client.chain(command).await
+        }),
         Command::Plugin(PluginCommand::Validate { file, config }) => {
             match sluice::plugins::validate(&file, &config) {
                 Ok(report) => {
@@ -136,7 +216,17 @@ async fn run_demo(args: demo::DemoArgs) -> anyhow::Result<()> {
     }
     let dir = args.data_dir();
     let tls = server::tls::generate_self_signed(&dir)?;
-    let cfg = demo::config(&args, &tls.cert_path, &tls.key_path, &engines);
+    // A fresh operator key per start, from the OS's CSPRNG: it acts on every tenant.
+    let mut secret = [0u8; 16];
+    getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    let operator_key = format!("sk-sluice-op-{}", hex::encode(secret));
+    let cfg = demo::config(
+        &args,
+        &tls.cert_path,
+        &tls.key_path,
+        &engines,
+        &operator_key,
+    );
     let banner = move |addrs: &server::Addresses| {
         let https = addrs.https.expect("the demo has an HTTPS listener");
         let http = addrs.http.expect("the demo has an HTTP listener");
@@ -148,6 +238,10 @@ async fn run_demo(args: demo::DemoArgs) -> anyhow::Result<()> {
         );
         println!("  http:    http://{http}");
         println!("  ops:     http://{ops}/healthz  http://{ops}/readyz");
+        println!(
+            "  admin:   http://{ops}/admin/v1   tenant admin key: {}   operator key: {operator_key}",
+            demo::DEMO_ADMIN_KEY
+        );
         println!(
             "  tenant:  demo   api key: {}   model: {}",
             demo::DEMO_KEY,

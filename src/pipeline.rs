@@ -20,6 +20,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
+
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, header};
 use http_body_util::{BodyExt, Limited};
@@ -47,6 +49,8 @@ pub struct Gateway {
     limits: Limits,
     keys: KeyTable,
     tenants: Vec<Tenant>,
+    /// Present when any tenant has plugins or a registry may give it some.
+    engine: Option<Arc<PluginEngine>>,
     pools: HashMap<String, Arc<Pool>>,
     inflight: Arc<Semaphore>,
     draining: AtomicBool,
@@ -57,7 +61,12 @@ struct Tenant {
     cfg: TenantConfig,
     pool: Arc<Pool>,
     concurrency: Arc<Semaphore>,
-    chain: Arc<Chain>,
+    /// Swapped whole by the registry; a request holds the chain it started
+    /// with until its last byte.
+    chain: ArcSwap<Chain>,
+    /// The chain built from the config file, restored when a registry chain
+    /// is removed.
+    file_chain: Arc<Chain>,
 }
 
 impl Tenant {
@@ -126,7 +135,8 @@ impl Gateway {
         for p in &cfg.pools {
             pools.insert(p.name.clone(), Arc::new(Pool::new(p)?));
         }
-        let needs_plugins = cfg.tenants.iter().any(|t| !t.plugins.is_empty());
+        let needs_plugins =
+            cfg.registry.is_some() || cfg.tenants.iter().any(|t| !t.plugins.is_empty());
         let engine = if needs_plugins {
             let h = &cfg.plugin_host;
             Some(PluginEngine::new(Settings {
@@ -144,37 +154,18 @@ impl Gateway {
                 .get(&t.pool)
                 .cloned()
                 .ok_or_else(|| anyhow::anyhow!("tenant {}: no pool {}", t.id, t.pool))?;
-            let mut chain = Chain::default();
-            for (j, p) in t.plugins.iter().enumerate() {
-                let at = format!("tenants[{i}].plugins[{j}]");
-                let engine = engine
-                    .as_ref()
-                    .expect("created when any tenant has plugins");
-                let bytes: std::borrow::Cow<'_, [u8]> = match (&p.builtin, &p.path) {
-                    (Some(name), _) => crate::plugins::builtin::component(name)
-                        .ok_or_else(|| anyhow::anyhow!("{at}: no built-in plugin {name:?}"))?
-                        .into(),
-                    (None, Some(path)) => std::fs::read(path)
-                        .map_err(|e| anyhow::anyhow!("{at}: cannot read {}: {e}", path.display()))?
-                        .into(),
-                    (None, None) => anyhow::bail!("{at}: no plugin named"),
-                };
-                let compiled = engine
-                    .compile(&bytes)
-                    .map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
-                let entry = chain::Entry::new(engine, compiled, &t.id, &p.config, p.failure)
-                    .map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
-                chain.entries.push(entry);
-            }
+            let chain = Arc::new(file_chain(engine.as_ref(), t, i)?);
             tenants.push(Tenant {
                 cfg: t.clone(),
                 pool,
                 concurrency: Arc::new(Semaphore::new(t.max_concurrent_requests)),
-                chain: Arc::new(chain),
+                chain: ArcSwap::new(chain.clone()),
+                file_chain: chain,
             });
         }
         Ok(Gateway {
             keys: KeyTable::new(&cfg.tenants),
+            engine,
             inflight: Arc::new(Semaphore::new(cfg.limits.max_inflight_requests)),
             limits: cfg.limits,
             tenants,
@@ -191,6 +182,69 @@ impl Gateway {
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
+
+    /// The plugin engine, when this gateway runs plugins.
+    pub fn plugin_engine(&self) -> Option<&Arc<PluginEngine>> {
+        self.engine.as_ref()
+    }
+
+    /// Tenant ids, in config order (the index the registry uses).
+    pub fn tenant_ids(&self) -> impl Iterator<Item = &str> {
+        self.tenants.iter().map(|t| t.cfg.id.as_str())
+    }
+
+    pub fn tenant_index(&self, id: &str) -> Option<usize> {
+        self.tenants.iter().position(|t| t.cfg.id == id)
+    }
+
+    pub fn tenant_config(&self, tenant: usize) -> &TenantConfig {
+        &self.tenants[tenant].cfg
+    }
+
+    /// The chain requests of this tenant start with now.
+    pub fn chain(&self, tenant: usize) -> Arc<Chain> {
+        self.tenants[tenant].chain.load_full()
+    }
+
+    /// Put a chain live: the next request uses it; requests in flight finish
+    /// with the one they hold.
+    pub fn swap_chain(&self, tenant: usize, chain: Arc<Chain>) {
+        self.tenants[tenant].chain.store(chain);
+    }
+
+    /// The chain the config file gives this tenant.
+    pub fn file_chain(&self, tenant: usize) -> Arc<Chain> {
+        self.tenants[tenant].file_chain.clone()
+    }
+}
+
+/// Build a tenant's chain from its `[[tenants.plugins]]`.
+fn file_chain(
+    engine: Option<&Arc<PluginEngine>>,
+    t: &TenantConfig,
+    i: usize,
+) -> anyhow::Result<Chain> {
+    let mut chain = Chain::default();
+    for (j, p) in t.plugins.iter().enumerate() {
+        let at = format!("tenants[{i}].plugins[{j}]");
+        let engine = engine.expect("created when any tenant has plugins");
+        let bytes: std::borrow::Cow<'_, [u8]> = match (&p.builtin, &p.path) {
+            (Some(name), _) => crate::plugins::builtin::component(name)
+                .ok_or_else(|| anyhow::anyhow!("{at}: no built-in plugin {name:?}"))?
+                .into(),
+            (None, Some(path)) => std::fs::read(path)
+                .map_err(|e| anyhow::anyhow!("{at}: cannot read {}: {e}", path.display()))?
+                .into(),
+            (None, None) => anyhow::bail!("{at}: no plugin named"),
+        };
+        let compiled = engine
+            .compile(&bytes)
+            .map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
+        let entry = chain::Entry::new(engine, compiled, &t.id, &p.config, p.failure)
+            .map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
+        chain.entries.push(entry);
+    }
+    Ok(chain)
 }
 
 /// Serve one request. Never fails: errors become responses here.
@@ -255,6 +309,7 @@ async fn serve(
     // 3. Authenticate before reading a body nobody may have asked for.
     let caller = gw.keys.authenticate(&parts.headers)?;
     let tenant = &gw.tenants[caller.tenant];
+    let tenant_chain = tenant.chain.load_full();
     if endpoint == Endpoint::Models {
         return Ok(models_response(tenant));
     }
@@ -292,7 +347,7 @@ async fn serve(
     // 6. The tenant's plugins: continue, modify or reject.
     let mut exchange = None;
     let mut patched_body = None;
-    if !tenant.chain.is_empty() {
+    if !tenant_chain.is_empty() {
         let mut doc: Value = serde_json::from_slice(&bytes).map_err(json_error)?;
         let mut ctx = CallCtx::new(caller.key_id.clone(), ids.trace_id.clone());
         let mut fwd_headers = headers.clone();
@@ -305,7 +360,7 @@ async fn serve(
             headers: &headers,
         };
         let outcome =
-            phases::on_request(&tenant.chain, &mut ctx, &mut doc, &mut fwd_headers, &input);
+            phases::on_request(&tenant_chain, &mut ctx, &mut doc, &mut fwd_headers, &input);
         let mut settlement = Settlement::default();
         settlement.collect(&mut ctx);
         let outcome = outcome?;
@@ -342,7 +397,7 @@ async fn serve(
             );
         }
         exchange = Some(Exchange {
-            chain: tenant.chain.clone(),
+            chain: tenant_chain.clone(),
             ctx,
             settlement,
             view: outcome.view,

@@ -28,6 +28,71 @@ pub struct Config {
     pub tenants: Vec<TenantConfig>,
     #[serde(default)]
     pub plugin_host: PluginHostConfig,
+    /// The plugin registry behind the admin API. Default: none (chains come
+    /// from this file only, and the admin API is off).
+    #[serde(default)]
+    pub registry: Option<RegistryConfig>,
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// Where uploaded plugins are kept and how they are checked.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Local directory: the registry itself on a single replica, and the
+    /// last good copy of a shared (Redis) registry otherwise. Required.
+    pub data_dir: PathBuf,
+    /// A Redis shared by every replica (`redis://host:6379/0`,
+    /// `redis+unix:///path`). Default: none (the data directory only).
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key, so deployments can share a Redis.
+    /// Default `sluice`.
+    #[serde(default = "default_redis_prefix")]
+    pub redis_prefix: String,
+    /// How often a replica asks the store what changed. Default 250ms.
+    #[serde(default = "default_poll_interval", with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Bound on one store operation (Redis timeouts). Default 2s.
+    #[serde(default = "default_store_timeout", with = "humantime_serde")]
+    pub store_timeout: Duration,
+    /// Largest component accepted, in bytes. Default 16 MiB.
+    #[serde(default = "default_max_plugin_bytes")]
+    pub max_plugin_bytes: usize,
+    /// Versions kept per plugin (the active one is never pruned). Default 20.
+    #[serde(default = "default_max_versions")]
+    pub max_versions: usize,
+    /// Time one upload's checks (compile, link, describe) may take. Default 30s.
+    #[serde(default = "default_check_timeout", with = "humantime_serde")]
+    pub check_timeout: Duration,
+}
+
+fn default_redis_prefix() -> String {
+    "sluice".into()
+}
+fn default_poll_interval() -> Duration {
+    Duration::from_millis(250)
+}
+fn default_store_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_max_plugin_bytes() -> usize {
+    16 << 20
+}
+fn default_max_versions() -> usize {
+    20
+}
+fn default_check_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// The admin API's operator keys (tenant admin keys sit with each tenant).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Keys that may act on every tenant. Default: none.
+    #[serde(default)]
+    pub operator_keys: Vec<ApiKeyConfig>,
 }
 
 /// Settings of the WebAssembly plugin host, for every tenant.
@@ -101,8 +166,17 @@ pub struct ServerConfig {
     pub http: Option<SocketAddr>,
     /// HTTPS listener (HTTP/1.1 and HTTP/2 by ALPN). Default: none.
     pub https: Option<TlsListener>,
-    /// Ops listener: `/healthz`, `/readyz`. Default: none.
+    /// Ops listener: `/healthz`, `/readyz` and the admin API. Default: none.
     pub ops: Option<SocketAddr>,
+    /// Serve the ops listener over HTTPS with these PEM files. Default: plain HTTP.
+    pub ops_tls: Option<TlsFiles>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -272,6 +346,10 @@ pub struct TenantConfig {
     pub max_concurrent_requests: usize,
     #[serde(default)]
     pub api_keys: Vec<ApiKeyConfig>,
+    /// Keys for this tenant's admin API (its plugins and chain only);
+    /// distinct from `api_keys`.
+    #[serde(default)]
+    pub admin_keys: Vec<ApiKeyConfig>,
     /// Pools besides `pool` that this tenant's plugins may route to.
     #[serde(default)]
     pub extra_pools: Vec<String>,
@@ -353,6 +431,13 @@ impl Config {
             tls.cert = base.join(&tls.cert);
             tls.key = base.join(&tls.key);
         }
+        if let Some(tls) = cfg.server.ops_tls.as_mut() {
+            tls.cert = base.join(&tls.cert);
+            tls.key = base.join(&tls.key);
+        }
+        if let Some(r) = cfg.registry.as_mut() {
+            r.data_dir = base.join(&r.data_dir);
+        }
         for t in &mut cfg.tenants {
             for p in &mut t.plugins {
                 if let Some(path) = p.path.as_mut() {
@@ -384,6 +469,66 @@ impl Config {
                     );
                 }
             }
+        }
+
+        if let Some(tls) = &s.ops_tls {
+            for (field, p) in [("cert", &tls.cert), ("key", &tls.key)] {
+                if !p.is_file() {
+                    issue(
+                        format!("server.ops_tls.{field}"),
+                        format!("file {} does not exist", p.display()),
+                    );
+                }
+            }
+            if s.ops.is_none() {
+                issue("server.ops_tls".into(), "set without `server.ops`".into());
+            }
+        }
+        if let Some(r) = &self.registry {
+            if s.ops.is_none() {
+                issue(
+                    "registry".into(),
+                    "the admin API is served on the ops listener: set `server.ops`".into(),
+                );
+            }
+            if r.poll_interval.is_zero() {
+                issue(
+                    "registry.poll_interval".into(),
+                    "must be greater than 0".into(),
+                );
+            }
+            if r.store_timeout.is_zero() {
+                issue(
+                    "registry.store_timeout".into(),
+                    "must be greater than 0".into(),
+                );
+            }
+            if r.check_timeout.is_zero() {
+                issue(
+                    "registry.check_timeout".into(),
+                    "must be greater than 0".into(),
+                );
+            }
+            if r.max_versions == 0 {
+                issue("registry.max_versions".into(), "must be at least 1".into());
+            }
+            if r.max_plugin_bytes < 1024 {
+                issue(
+                    "registry.max_plugin_bytes".into(),
+                    "must be at least 1024".into(),
+                );
+            }
+            if r.redis_prefix.is_empty() {
+                issue("registry.redis_prefix".into(), "must not be empty".into());
+            }
+        }
+        let has_admin_keys = !self.admin.operator_keys.is_empty()
+            || self.tenants.iter().any(|t| !t.admin_keys.is_empty());
+        if has_admin_keys && self.registry.is_none() {
+            issue(
+                "registry".into(),
+                "admin keys are set but there is no `[registry]` for them to act on".into(),
+            );
         }
 
         let l = &self.limits;
@@ -548,8 +693,17 @@ impl Config {
                 );
             }
             let mut key_ids = HashSet::new();
-            for (j, k) in t.api_keys.iter().enumerate() {
-                let kat = format!("{at}.api_keys[{j}]");
+            let keys = t
+                .api_keys
+                .iter()
+                .enumerate()
+                .map(|(j, k)| (format!("{at}.api_keys[{j}]"), k));
+            let admin = t
+                .admin_keys
+                .iter()
+                .enumerate()
+                .map(|(j, k)| (format!("{at}.admin_keys[{j}]"), k));
+            for (kat, k) in keys.chain(admin) {
                 if !key_ids.insert(k.id.as_str()) {
                     issue(format!("{kat}.id"), format!("duplicate key id {:?}", k.id));
                 }
@@ -562,6 +716,19 @@ impl Config {
                 } else if let Some(prev) = key_hashes.insert(h, kat.clone()) {
                     issue(format!("{kat}.sha256"), format!("same key as {prev}"));
                 }
+            }
+        }
+
+        for (j, k) in self.admin.operator_keys.iter().enumerate() {
+            let kat = format!("admin.operator_keys[{j}]");
+            let h = k.sha256.to_ascii_lowercase();
+            if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                issue(
+                    format!("{kat}.sha256"),
+                    "must be 64 hex digits (see `sluice hash-key`)".into(),
+                );
+            } else if let Some(prev) = key_hashes.insert(h, kat.clone()) {
+                issue(format!("{kat}.sha256"), format!("same key as {prev}"));
             }
         }
 

@@ -76,6 +76,8 @@ pub enum LoadError {
     Incompatible(String),
     #[error("the plugin failed while describing itself: {0}")]
     Describe(String),
+    #[error("the plugin refused its config: {0}")]
+    Config(String),
 }
 
 /// A compiled, linked component, shared by every tenant that uses it.
@@ -135,6 +137,15 @@ impl PluginEngine {
             settings,
             limiters: Arc::new(Limiters::default()),
         }))
+    }
+
+    /// A component compiled earlier, by its sha256 (saves fetching the blob).
+    pub fn compiled(&self, sha256: &str) -> Option<Arc<Compiled>> {
+        self.cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(sha256)
+            .cloned()
     }
 
     /// Compile (or find compiled) and link a component.

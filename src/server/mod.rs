@@ -83,7 +83,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     };
 
     let limits = cfg.limits.clone();
-    let gateway = Arc::new(Gateway::new(cfg)?);
+    let gateway = Arc::new(Gateway::new(cfg.clone())?);
     let builder = Arc::new(http_builder(&limits));
     let conns = Arc::new(Semaphore::new(limits.max_connections));
     let stop = CancellationToken::new();
@@ -104,10 +104,35 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         };
         loops.push(tokio::spawn(accept_loop(listener, tls, ctx, stop.clone())));
     }
+    let registry = match cfg.registry.clone() {
+        Some(r) => {
+            let registry = crate::registry::Registry::open(r, gateway.clone()).await?;
+            registry.spawn_sync(ops_stop.clone());
+            Some(registry)
+        }
+        None => None,
+    };
+    let admin = registry.map(|registry| {
+        Arc::new(crate::admin::Admin {
+            registry,
+            keys: crate::auth::AdminKeys::new(&cfg.tenants, &cfg.admin.operator_keys),
+            body_timeout: limits.body_read_timeout,
+        })
+    });
+    let ops_tls = match &cfg.server.ops_tls {
+        Some(t) => Some(TlsAcceptor::from(tls::load(&t.cert, &t.key)?)),
+        None => None,
+    };
+    let ops_state = Arc::new(ops::Ops {
+        gateway: gateway.clone(),
+        admin,
+        tls: ops_tls,
+        handshake_timeout: limits.header_read_timeout,
+    });
     let ops_task = ops.map(|l| {
         tokio::spawn(ops::serve(
             l,
-            gateway.clone(),
+            ops_state.clone(),
             builder.clone(),
             ops_stop.clone(),
         ))

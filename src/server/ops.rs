@@ -1,5 +1,5 @@
-//! The ops listener: liveness and readiness for orchestrators.
-//! (Metrics and the admin API join it in later steps.)
+//! The ops listener: liveness and readiness for orchestrators, and the admin
+//! API when a registry is configured. HTTPS when `server.ops_tls` is set.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -12,14 +12,23 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::Admin;
 use crate::body::{self, ProxyBody};
 use crate::pipeline::Gateway;
 
+pub(super) struct Ops {
+    pub gateway: Arc<Gateway>,
+    pub admin: Option<Arc<Admin>>,
+    pub tls: Option<TlsAcceptor>,
+    pub handshake_timeout: std::time::Duration,
+}
+
 pub(super) async fn serve(
     listener: TcpListener,
-    gateway: Arc<Gateway>,
+    ops: Arc<Ops>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     stop: CancellationToken,
 ) {
@@ -31,29 +40,52 @@ pub(super) async fn serve(
                 Err(_) => continue,
             },
         };
-        let gateway = gateway.clone();
+        let ops = ops.clone();
         let builder = builder.clone();
         tokio::spawn(async move {
+            let svc_ops = ops.clone();
             let svc = service_fn(move |req: Request<Incoming>| {
-                let gateway = gateway.clone();
-                async move { Ok::<_, Infallible>(handle(&gateway, &req)) }
+                let ops = svc_ops.clone();
+                async move { Ok::<_, Infallible>(handle(&ops, req).await) }
             });
-            let _ = builder.serve_connection(TokioIo::new(tcp), svc).await;
+            match &ops.tls {
+                None => {
+                    let _ = builder.serve_connection(TokioIo::new(tcp), svc).await;
+                }
+                Some(acceptor) => {
+                    if let Ok(Ok(tls)) =
+                        tokio::time::timeout(ops.handshake_timeout, acceptor.accept(tcp)).await
+                    {
+                        let _ = builder.serve_connection(TokioIo::new(tls), svc).await;
+                    }
+                }
+            }
         });
     }
 }
 
-fn handle(gateway: &Gateway, req: &Request<Incoming>) -> Response<ProxyBody> {
+async fn handle(ops: &Ops, req: Request<Incoming>) -> Response<ProxyBody> {
+    if req.uri().path().starts_with("/admin/") {
+        if let Some(admin) = &ops.admin {
+            return crate::admin::handle(admin, req).await;
+        }
+    }
     let (status, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => (StatusCode::OK, json!({"status": "ok"})),
         (&Method::GET, "/readyz") => {
-            if gateway.is_draining() {
+            let registry = ops.admin.as_ref().map(|a| a.registry.health());
+            if ops.gateway.is_draining() {
                 (
                     StatusCode::SERVICE_UNAVAILABLE,
-                    json!({"status": "draining"}),
+                    json!({"status": "draining", "registry": registry}),
                 )
             } else {
-                (StatusCode::OK, json!({"status": "ready"}))
+                // A degraded registry still serves its last good set, so the
+                // replica stays ready; the body says so.
+                (
+                    StatusCode::OK,
+                    json!({"status": "ready", "registry": registry}),
+                )
             }
         }
         _ => (StatusCode::NOT_FOUND, json!({"error": "not found"})),
