@@ -655,3 +655,185 @@ async fn swaps_under_steady_load_fail_no_request() {
         "requests ran on every version ({served} requests)"
     );
 }
+
+/// Poll `cond` every 50ms for up to 20s; returns how long it took.
+async fn within<F, Fut>(what: &str, mut cond: F) -> std::time::Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = std::time::Instant::now();
+    for _ in 0..400 {
+        if cond().await {
+            return start.elapsed();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("{what}: not seen within 20s");
+}
+
+async fn readyz(gw: &Gateway) -> Value {
+    let resp = http_client()
+        .get(format!("http://{}/readyz", gw.ops))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        200,
+        "a degraded registry keeps the replica ready"
+    );
+    resp.json().await.unwrap()
+}
+
+fn replica(engine: &str, dir: &Path, redis: &support::redis::RedisServer) -> String {
+    config(
+        engine,
+        dir,
+        &format!(
+            "redis_url = {:?}\npoll_interval = \"100ms\"\nstore_timeout = \"500ms\"",
+            redis.url()
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_the_registry_through_redis() {
+    let redis = support::redis::RedisServer::start();
+    let engine = sim_engine(&[]).await;
+    let (da, db, dc) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let a = Gateway::start(&replica(&url(&engine), da.path(), &redis)).await;
+    let b = Gateway::start(&replica(&url(&engine), db.path(), &redis)).await;
+    assert_eq!(readyz(&b).await["registry"]["status"], "ok");
+
+    // Change on A: live on A at once, on B after its next poll.
+    let on_a = Admin {
+        gw: &a,
+        key: ACME_ADMIN,
+    };
+    ok(on_a.upload("acme", "cap", component("context-cap")).await);
+    ok(on_a.set_chain("acme", cap_chain("cap")).await);
+    assert_eq!(chat(&a, ACME_KEY, &long_prompt()).await.0, 400);
+    let took = within("B follows A", || async {
+        chat(&b, ACME_KEY, &long_prompt()).await.0 == 400
+    })
+    .await;
+    eprintln!("replica B obeyed A's change after {took:?}");
+    let on_b = Admin {
+        gw: &b,
+        key: ACME_ADMIN,
+    };
+    assert_eq!(
+        ok(on_b.get("/tenants/acme/plugins").await),
+        ok(on_a.get("/tenants/acme/plugins").await)
+    );
+
+    // Change on B: A follows.
+    ok(on_b
+        .set_chain(
+            "acme",
+            json!([{ "plugin": "cap", "config": { "max_input_tokens": 100000 } }]),
+        )
+        .await);
+    within("A follows B", || async {
+        chat(&a, ACME_KEY, &long_prompt()).await.0 == 200
+    })
+    .await;
+
+    // Both write at once: compare-and-swap lets both land, in some order.
+    let (r1, r2) = tokio::join!(
+        on_a.upload("acme", "one", component("request-shaper")),
+        on_b.upload("acme", "two", component("thinking-policy")),
+    );
+    ok(r1);
+    ok(r2);
+    let list = ok(on_a.get("/tenants/acme/plugins").await);
+    let names: Vec<&str> = list["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["cap", "one", "two"]);
+
+    // A replica that starts now loads the active set before it serves.
+    ok(on_a.set_chain("acme", cap_chain("cap")).await);
+    let c = Gateway::start(&replica(&url(&engine), dc.path(), &redis)).await;
+    assert_eq!(chat(&c, ACME_KEY, &long_prompt()).await.0, 400);
+    assert_eq!(chat(&c, OTHER_KEY, &long_prompt()).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_loses_redis_keeps_its_last_good_set() {
+    let mut redis = support::redis::RedisServer::start();
+    let engine = sim_engine(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = replica(&url(&engine), dir.path(), &redis);
+    let gw = Gateway::start(&text).await;
+    let admin = Admin {
+        gw: &gw,
+        key: ACME_ADMIN,
+    };
+    ok(admin.upload("acme", "cap", component("context-cap")).await);
+    ok(admin.set_chain("acme", cap_chain("cap")).await);
+
+    redis.stop();
+    let ready = {
+        within("readyz reports the lost store", || async {
+            readyz(&gw).await["registry"]["status"] == "degraded"
+        })
+        .await;
+        readyz(&gw).await
+    };
+    assert_eq!(ready["status"], "ready");
+    assert!(
+        ready["registry"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("unavailable"),
+        "{ready}"
+    );
+    // Serving goes on with the last good set.
+    assert_eq!(chat(&gw, ACME_KEY, &long_prompt()).await.0, 400);
+    assert_eq!(chat(&gw, OTHER_KEY, &long_prompt()).await.0, 200);
+    // Changes cannot be made while the store is away.
+    refused(
+        admin
+            .upload("acme", "two", component("request-shaper"))
+            .await,
+        503,
+        "registry_unavailable",
+    );
+
+    // A restart without Redis serves the local copy.
+    gw.shutdown().await;
+    let gw = Gateway::start(&text).await;
+    assert_eq!(readyz(&gw).await["registry"]["status"], "degraded");
+    assert_eq!(chat(&gw, ACME_KEY, &long_prompt()).await.0, 400);
+
+    // Redis back (empty: a new server): healthy again, the set unchanged.
+    redis.restart();
+    within("readyz sees the store again", || async {
+        readyz(&gw).await["registry"]["status"] == "ok"
+    })
+    .await;
+    assert_eq!(chat(&gw, ACME_KEY, &long_prompt()).await.0, 400);
+    // A change into the new store goes live although its revision count
+    // starts again from 1.
+    let admin = Admin {
+        gw: &gw,
+        key: ACME_ADMIN,
+    };
+    ok(admin.upload("acme", "cap", component("context-cap")).await);
+    ok(admin
+        .set_chain(
+            "acme",
+            json!([{ "plugin": "cap", "config": { "max_input_tokens": 100000 } }]),
+        )
+        .await);
+    assert_eq!(chat(&gw, ACME_KEY, &long_prompt()).await.0, 200);
+}

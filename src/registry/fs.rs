@@ -41,6 +41,10 @@ impl FsStore {
         self.root.join("tenants").join(format!("{tenant}.json"))
     }
 
+    pub fn has_blob(&self, sha256: &str) -> bool {
+        self.blob_path(sha256).is_ok_and(|p| p.is_file())
+    }
+
     /// Overwrite a tenant's index without the revision check: for a local
     /// mirror of a shared store, which must follow the store whatever it says.
     pub fn mirror_index(&self, tenant: &str, index: &TenantIndex) -> Result<(), StoreError> {

@@ -231,6 +231,7 @@ impl Registry {
             let Some(t) = self.gateway.tenant_index(&tenant) else {
                 continue;
             };
+            self.note_store_revision(t, rev);
             if self.live_revision(t) < rev {
                 self.follow(&tenant, self.store.as_ref());
             }
@@ -244,6 +245,23 @@ impl Registry {
             .unwrap_or_else(PoisonError::into_inner)
             .get(&tenant)
             .unwrap_or(&0)
+    }
+
+    /// A store whose revision went backwards was replaced (a new, empty
+    /// Redis): follow it from then on instead of ignoring its changes.
+    fn note_store_revision(&self, tenant: usize, revision: u64) {
+        let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(current) = live.get_mut(&tenant)
+            && *current > revision
+        {
+            tracing::warn!(
+                tenant = self.gateway.tenant_config(tenant).id,
+                live = *current,
+                stored = revision,
+                "the registry store's revision went backwards (store replaced?); following the store"
+            );
+            *current = 0;
+        }
     }
 
     /// Read a tenant's index from `from`, build its chain and put it live.
@@ -264,6 +282,7 @@ impl Registry {
             if let Some(mirror) = &self.mirror
                 && !std::ptr::addr_eq(from, mirror.as_ref())
             {
+                self.mirror_blobs(mirror, &index, from)?;
                 mirror.mirror_index(tenant, &index)?;
             }
             self.install(t, index.revision, chain);
@@ -276,6 +295,36 @@ impl Registry {
             }
             Ok(()) => {}
         }
+    }
+
+    /// Keep a local copy of every blob the index's chain runs, so that a
+    /// restart without the shared store can still build it.
+    fn mirror_blobs(
+        &self,
+        mirror: &fs::FsStore,
+        index: &TenantIndex,
+        from: &dyn Store,
+    ) -> Result<(), StoreError> {
+        for name in index
+            .chain
+            .iter()
+            .flatten()
+            .filter_map(|e| e.plugin.as_ref())
+        {
+            let Some(v) = index
+                .plugins
+                .get(name)
+                .and_then(PluginRecord::active_version)
+            else {
+                continue;
+            };
+            if !mirror.has_blob(&v.sha256)
+                && let Some(bytes) = from.get_blob(&v.sha256)?
+            {
+                mirror.put_blob(&v.sha256, &bytes)?;
+            }
+        }
+        Ok(())
     }
 
     /// Swap in the chain of `revision`, unless a newer one is already live.
@@ -384,8 +433,11 @@ impl Registry {
                 if r.store.write_index(&id, &next)? {
                     if let Some(mirror) = &r.mirror {
                         // Best effort: the shared store is the truth.
-                        let _ = mirror.mirror_index(&id, &next);
+                        let _ = r
+                            .mirror_blobs(mirror, &next, r.store.as_ref())
+                            .and_then(|()| mirror.mirror_index(&id, &next));
                     }
+                    r.note_store_revision(tenant, next.revision);
                     r.install(tenant, next.revision, chain);
                     return Ok((out, next));
                 }
