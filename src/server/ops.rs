@@ -65,10 +65,10 @@ pub(super) async fn serve(
 }
 
 async fn handle(ops: &Ops, req: Request<Incoming>) -> Response<ProxyBody> {
-    if req.uri().path().starts_with("/admin/") {
-        if let Some(admin) = &ops.admin {
-            return crate::admin::handle(admin, req).await;
-        }
+    if req.uri().path().starts_with("/admin/")
+        && let Some(admin) = &ops.admin
+    {
+        return crate::admin::handle(admin, req).await;
     }
     let (status, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => (StatusCode::OK, json!({"status": "ok"})),
