@@ -3,9 +3,13 @@
 use std::process::Command;
 
 fn validate(path: &std::path::Path) -> (bool, String) {
+    sluice(&["plugin", "validate", &path.to_string_lossy()])
+}
+
+/// Run the binary; whether it succeeded, and its stdout + stderr.
+fn sluice(args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["plugin", "validate"])
-        .arg(path)
+        .args(args)
         .output()
         .unwrap();
     let text =
@@ -66,17 +70,30 @@ fn refusals_say_what_is_wrong() {
         ),
         ("core.wasm", b"\0asm\x01\0\0\0".to_vec(), "core module"),
         (
+            "old.wasm",
+            patched(
+                patched(
+                    component("hostile"),
+                    b"sluice:policy/host@0.2.0",
+                    b"sluice:policy/host@0.1.0",
+                ),
+                b"sluice:policy/types@0.2.0",
+                b"sluice:policy/types@0.1.0",
+            ),
+            "sluice:policy/host@0.1.0",
+        ),
+        (
             "future.wasm",
             patched(
                 patched(
                     component("hostile"),
-                    b"sluice:policy/host@0.1.0",
-                    b"sluice:policy/host@9.1.0",
+                    b"sluice:policy/host@0.2.0",
+                    b"sluice:policy/host@9.0.0",
                 ),
-                b"sluice:policy/types@0.1.0",
-                b"sluice:policy/types@9.1.0",
+                b"sluice:policy/types@0.2.0",
+                b"sluice:policy/types@9.0.0",
             ),
-            "sluice:policy/host@9.1.0",
+            "sluice:policy/host@9.0.0",
         ),
         (
             "other-world.wasm",
@@ -96,4 +113,34 @@ fn refusals_say_what_is_wrong() {
     }
     let (ok, text) = validate(&dir.path().join("missing.wasm"));
     assert!(!ok && text.contains("No such file"), "{text}");
+}
+
+#[test]
+fn a_refused_config_fails_validation_with_the_plugins_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("context-cap.wasm");
+    std::fs::write(&f, component("context-cap")).unwrap();
+    let f = f.to_string_lossy();
+
+    let (ok, text) = sluice(&[
+        "plugin",
+        "validate",
+        &f,
+        "--config",
+        r#"{"max_input_tokens": "lots"}"#,
+    ]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains(r#"the plugin refused its config: max_input_tokens: invalid type: string "lots", expected u32"#),
+        "{text}"
+    );
+
+    let (ok, text) = sluice(&[
+        "plugin",
+        "validate",
+        &f,
+        "--config",
+        r#"{"max_input_tokens": 32768}"#,
+    ]);
+    assert!(ok && text.contains("ok: context-cap "), "{text}");
 }

@@ -72,10 +72,15 @@ impl Default for Settings {
 pub enum LoadError {
     #[error("not a WebAssembly component: {0}")]
     NotAComponent(String),
-    #[error("the component does not fit the sluice:policy@0.1 world this host implements: {0}")]
+    #[error("the component does not fit the sluice:policy@0.2 world this host implements: {0}")]
     Incompatible(String),
+    /// `describe` trapped, overran or could not be instantiated.
     #[error("the plugin failed while describing itself: {0}")]
     Describe(String),
+    /// `describe` returned `err`: the plugin does not accept this config.
+    /// The message is the plugin's own, meant for the tenant.
+    #[error("the plugin refused its config: {0}")]
+    Config(String),
 }
 
 /// A compiled, linked component, shared by every tenant that uses it.
@@ -209,7 +214,7 @@ pub fn validate(path: &std::path::Path, config: &str) -> anyhow::Result<String> 
     .map(|(_, n)| *n)
     .collect();
     Ok(format!(
-        "ok: {} {} (sluice:policy@0.1 component, {} bytes, sha256 {})\n    hooks: {}",
+        "ok: {} {} (sluice:policy@0.2 component, {} bytes, sha256 {})\n    hooks: {}",
         i.name,
         i.version,
         compiled.size,
