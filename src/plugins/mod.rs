@@ -8,6 +8,7 @@
 //! - [`limiter`]: request and token buckets kept across calls
 //! - [`chain`]: a tenant's ordered plugins, failure policies, circuit breaker
 //! - [`view`]: request/response views for the hooks, and patches applied back
+//! - [`toolchain`]: `sluice plugin build`, a plugin crate into a component
 
 pub mod bindings;
 pub mod chain;
@@ -15,6 +16,7 @@ pub mod exchange;
 pub mod host;
 pub mod limiter;
 pub mod phases;
+pub mod toolchain;
 pub mod view;
 
 use std::collections::HashMap;
