@@ -104,6 +104,17 @@ enum PluginCommand {
         #[command(flatten)]
         target: admin_client::Target,
     },
+    /// Build a plugin crate (a copy of plugins/template) into a component and validate it.
+    Build {
+        /// The plugin crate's folder (with its Cargo.toml).
+        dir: PathBuf,
+        /// Where to write the component [default: DIR/<crate name>.wasm].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The plugin config (JSON) to validate it with.
+        #[arg(long, default_value = "{}")]
+        config: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -178,6 +189,18 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("{}: {e:#}", file.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Plugin(PluginCommand::Build { dir, out, config }) => {
+            match sluice::plugins::toolchain::build(&dir, out.as_deref(), &config) {
+                Ok(report) => {
+                    println!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{}: {e:#}", dir.display());
                     ExitCode::FAILURE
                 }
             }

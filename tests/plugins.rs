@@ -1046,3 +1046,67 @@ async fn the_five_plugins_chained_serve_requests_and_streams() {
     );
     gw.shutdown().await;
 }
+
+/// A gateway config with one tenant whose chain is `plugins` (from
+/// [`plugin`]); the pool's engine is never called.
+fn chain_config(plugins: &str) -> sluice::config::Config {
+    let text = "[server]\nhttp = \"127.0.0.1:0\"\n".to_owned()
+        + &pool("p", &["http://127.0.0.1:9".to_owned()], "")
+        + &tenant("acme", "p", KEY, "")
+        + plugins;
+    let cfg = sluice::config::Config::parse(&text, std::path::Path::new("."))
+        .expect("test config parses");
+    assert!(cfg.validate().is_empty(), "{:?}", cfg.validate());
+    cfg
+}
+
+/// The gateway's load error for a chain, as `sluice serve` would print it.
+fn load_error(plugins: &str) -> String {
+    match sluice::pipeline::Gateway::new(chain_config(plugins)) {
+        Ok(_) => panic!("the chain loaded: {plugins}"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+#[tokio::test]
+async fn a_refused_config_stops_the_chain_from_loading_with_the_plugins_message() {
+    // Refused in `describe`, when the chain loads: not per call with a 500.
+    let e = load_error(
+        &(plugin("rate-limit", "{ requests_per_minute = 60 }")
+            + &plugin("context-cap", r#"{ max_input_tokens = "lots" }"#)),
+    );
+    assert_eq!(
+        e,
+        r#"tenants[0].plugins[1]: the plugin refused its config: max_input_tokens: invalid type: string "lots", expected u32"#
+    );
+
+    // Every built-in checks its config (serde's and its own `check`).
+    for name in [
+        "request-shaper",
+        "rate-limit",
+        "context-cap",
+        "thinking-policy",
+        "output-validator",
+    ] {
+        let e = load_error(&plugin(name, "{ max_tokenz = 5 }"));
+        assert!(
+            e.starts_with("tenants[0].plugins[0]: the plugin refused its config: max_tokenz: unknown field `max_tokenz`"),
+            "{name}: {e}"
+        );
+    }
+    let e = load_error(&plugin(
+        "context-cap",
+        "{ models = { small = { max_output_tokens = 0 } } }",
+    ));
+    assert!(
+        e.ends_with("the plugin refused its config: models.small.max_output_tokens: must be at least 1 (omit it for no cap)"),
+        "{e}"
+    );
+
+    // The same configs, well formed, load.
+    sluice::pipeline::Gateway::new(chain_config(
+        &(plugin("rate-limit", "{ requests_per_minute = 60 }")
+            + &plugin("context-cap", "{ max_input_tokens = 100 }")),
+    ))
+    .expect("a good chain loads");
+}

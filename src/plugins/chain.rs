@@ -58,6 +58,8 @@ const BREAKER_OPEN_FOR: Duration = Duration::from_secs(5);
 /// replaced (bounds heap growth from guests that leak).
 const MAX_IDLE: usize = 4;
 const MAX_CALLS_PER_INSTANCE: u32 = 10_000;
+/// A config refusal is shown to the tenant; a plugin cannot make it huge.
+const MAX_REFUSAL_BYTES: usize = 2000;
 
 struct Live {
     store: Store<HostState>,
@@ -82,8 +84,8 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// Instantiate once and ask the plugin to describe itself (this also
-    /// proves the config is accepted by a working instance).
+    /// Instantiate once and ask the plugin to describe itself under its
+    /// config: a plugin that refuses the config is [`LoadError::Config`].
     pub fn new(
         engine: &Arc<PluginEngine>,
         compiled: Arc<Compiled>,
@@ -115,7 +117,11 @@ impl Entry {
         let mut ctx = CallCtx::default();
         let info = entry
             .call(&mut ctx, |p, s| p.call_describe(s))
-            .map_err(|f| LoadError::Describe(f.to_string()))?;
+            .map_err(|f| LoadError::Describe(f.to_string()))?
+            .map_err(|mut refusal| {
+                crate::errors::truncate_utf8(&mut refusal, MAX_REFUSAL_BYTES);
+                LoadError::Config(refusal)
+            })?;
         entry.name = Arc::from(info.name.as_str());
         entry.info = info;
         // Instances made before the name was known carry the placeholder.

@@ -8,6 +8,7 @@
 //! - [`limiter`]: request and token buckets kept across calls
 //! - [`chain`]: a tenant's ordered plugins, failure policies, circuit breaker
 //! - [`view`]: request/response views for the hooks, and patches applied back
+//! - [`toolchain`]: `sluice plugin build`, a plugin crate into a component
 
 pub mod bindings;
 pub mod chain;
@@ -15,6 +16,7 @@ pub mod exchange;
 pub mod host;
 pub mod limiter;
 pub mod phases;
+pub mod toolchain;
 pub mod view;
 
 use std::collections::HashMap;
@@ -72,10 +74,13 @@ impl Default for Settings {
 pub enum LoadError {
     #[error("not a WebAssembly component: {0}")]
     NotAComponent(String),
-    #[error("the component does not fit the sluice:policy@0.1 world this host implements: {0}")]
+    #[error("the component does not fit the sluice:policy@0.2 world this host implements: {0}")]
     Incompatible(String),
+    /// `describe` trapped, overran or could not be instantiated.
     #[error("the plugin failed while describing itself: {0}")]
     Describe(String),
+    /// `describe` returned `err`: the plugin does not accept this config.
+    /// The message is the plugin's own, meant for the tenant.
     #[error("the plugin refused its config: {0}")]
     Config(String),
 }
@@ -220,7 +225,7 @@ pub fn validate(path: &std::path::Path, config: &str) -> anyhow::Result<String> 
     .map(|(_, n)| *n)
     .collect();
     Ok(format!(
-        "ok: {} {} (sluice:policy@0.1 component, {} bytes, sha256 {})\n    hooks: {}",
+        "ok: {} {} (sluice:policy@0.2 component, {} bytes, sha256 {})\n    hooks: {}",
         i.name,
         i.version,
         compiled.size,

@@ -3,9 +3,15 @@
 //! ```ignore
 //! use sluice_plugin_kit::*;
 //!
+//! #[derive(serde::Deserialize)]
+//! #[serde(deny_unknown_fields)]
+//! struct Config { limit: u32 }
+//! impl PluginConfig for Config {}
+//!
 //! struct MyPolicy;
 //! impl Guest for MyPolicy {
-//!     fn describe() -> PluginInfo { info("my-policy").on_request() }
+//!     // Refuses a config that does not parse or check, before any request.
+//!     fn describe() -> Result<PluginInfo, String> { described::<Config>(info("my-policy").on_request()) }
 //!     fn on_request(req: RequestView) -> RequestDecision { RequestDecision::Continue }
 //!     fn on_response_chunk(_: ChunkView) -> ChunkVerdict { ChunkVerdict::Accept }
 //!     fn on_response(_: RequestView, _: ResponseView) -> ResponseVerdict { ResponseVerdict::Accept }
@@ -13,9 +19,8 @@
 //! export_plugin!(MyPolicy);
 //! ```
 //!
-//! Build with `cargo build --target wasm32-unknown-unknown --release`, then
-//! make a component of the module (`wasm-tools component new`, or let
-//! sluice's build do it for the plugins in this workspace).
+//! Start from `plugins/template` and build with `sluice plugin build DIR`,
+//! which compiles for `wasm32-unknown-unknown` and makes the component.
 
 // The export macro names paths through this crate's name, also from inside it.
 extern crate self as sluice_plugin_kit;
@@ -93,11 +98,15 @@ impl InfoExt for PluginInfo {
     }
 }
 
-/// This plugin's config from the tenant's chain, parsed into `T`.
+/// This plugin's config from the tenant's chain, parsed into `T` (not
+/// checked; see [`config_checked`]).
 pub fn config<T: DeserializeOwned>() -> Result<T, String> {
     parse_json_config(&host::config())
 }
 
+/// Parse JSON text into `T`. Errors name the field by its path
+/// (`models.m.max_output_tokens: invalid type: ...`); the position in the
+/// JSON text is left out, since the host wrote that text, not the tenant.
 fn parse_json_config<T: DeserializeOwned>(text: &str) -> Result<T, String> {
     // A chain entry without a config may reach the plugin as "" or "null";
     // both mean "all defaults".
@@ -105,7 +114,31 @@ fn parse_json_config<T: DeserializeOwned>(text: &str) -> Result<T, String> {
         "" | "null" => "{}",
         t => t,
     };
-    serde_json::from_str(text).map_err(|e| format!("invalid plugin config: {e}"))
+    let mut de = serde_json::Deserializer::from_str(text);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let message = without_position(e.into_inner());
+        if path == "." {
+            message
+        } else {
+            format!("{path}: {message}")
+        }
+    })?;
+    de.end().map_err(without_position)?;
+    Ok(value)
+}
+
+/// A serde_json error's message; for data errors (wrong type, unknown or
+/// missing field) without the "at line L column C" that syntax errors need.
+fn without_position(e: serde_json::Error) -> String {
+    let message = e.to_string();
+    if e.is_data() {
+        let at = format!(" at line {} column {}", e.line(), e.column());
+        if let Some(bare) = message.strip_suffix(&at) {
+            return bare.to_owned();
+        }
+    }
+    message
 }
 
 /// A plugin config with checks beyond what serde expresses (ranges, pairs).
@@ -116,18 +149,40 @@ pub trait PluginConfig: DeserializeOwned + Send + Sync + 'static {
     }
 }
 
-/// Parse and check a config from JSON text; what [`cached_config`] does
-/// without the host, so config handling can be unit-tested natively.
+/// Parse and check a config from JSON text; what [`config_checked`] and
+/// [`cached_config`] do without the host, so config handling can be
+/// unit-tested natively. The error names the field, e.g.
+/// `max_input_tokens: invalid type: string "lots", expected u32`.
 pub fn parse_config<T: PluginConfig>(text: &str) -> Result<T, String> {
     let cfg: T = parse_json_config(text)?;
-    cfg.check()
-        .map_err(|e| format!("invalid plugin config: {e}"))?;
+    cfg.check()?;
     Ok(cfg)
+}
+
+/// This plugin's config from the tenant's chain, parsed and checked. Call it
+/// in `describe` and pass the error on (`?`): the host then refuses the
+/// config when the chain is loaded, with this message, before any request.
+pub fn config_checked<T: PluginConfig>() -> Result<T, String> {
+    parse_config(&host::config())
+}
+
+/// `describe` for a plugin whose info does not depend on its config: check
+/// the config as `T`, then describe the plugin with `info`.
+///
+/// ```ignore
+/// fn describe() -> Result<PluginInfo, String> {
+///     described::<Config>(info("my-policy").on_request())
+/// }
+/// ```
+pub fn described<T: PluginConfig>(info: PluginInfo) -> Result<PluginInfo, String> {
+    config_checked::<T>().map(|_| info)
 }
 
 /// The plugin's config, parsed and checked once per instance: an instance
 /// serves one chain entry, whose config never changes under it. A bad config
-/// is logged once and answered with [`config_invalid`] on every call.
+/// is logged once and answered with [`config_invalid`] on every call (a
+/// plugin whose `describe` checks the config never gets that far: the host
+/// refuses the config when the chain is loaded).
 pub fn cached_config<T: PluginConfig>(
     cell: &'static OnceLock<Result<T, String>>,
     plugin: &str,
@@ -146,7 +201,11 @@ pub fn cached_config<T: PluginConfig>(
 /// The refusal for a config that does not parse or check: status 500, code
 /// `plugin_config_invalid`, since the client cannot fix it.
 pub fn config_invalid(plugin: &str, message: &str) -> Rejection {
-    rejection(500, "plugin_config_invalid", format!("{plugin}: {message}"))
+    rejection(
+        500,
+        "plugin_config_invalid",
+        format!("{plugin}: invalid plugin config: {message}"),
+    )
 }
 
 /// A [`Rejection`] without `Retry-After`.
@@ -340,7 +399,29 @@ mod tests {
         let e = parse_config::<Cfg>(r#"{"limt": 1}"#).unwrap_err();
         assert!(e.contains("unknown field `limt`"), "{e}");
         let e = parse_config::<Cfg>(r#"{"limit": 11}"#).unwrap_err();
-        assert_eq!(e, "invalid plugin config: limit: at most 10");
+        assert_eq!(e, "limit: at most 10");
+    }
+
+    #[test]
+    fn type_errors_name_the_field_not_the_position() {
+        let e = parse_config::<Cfg>(r#"{"limit": "lots"}"#).unwrap_err();
+        assert_eq!(e, r#"limit: invalid type: string "lots", expected u32"#);
+        #[derive(serde::Deserialize, Debug)]
+        struct Outer {
+            #[allow(dead_code)]
+            models: std::collections::BTreeMap<String, Cfg>,
+        }
+        impl PluginConfig for Outer {}
+        let e = parse_config::<Outer>(r#"{"models": {"m": {"limit": -1}}}"#).unwrap_err();
+        assert_eq!(
+            e,
+            "models.m.limit: invalid value: integer `-1`, expected u32"
+        );
+        // Syntax errors keep their position: the text is all there is.
+        let e = parse_config::<Cfg>(r#"{"limit": 1"#).unwrap_err();
+        assert!(e.contains("line 1 column"), "{e}");
+        let e = parse_config::<Cfg>(r#"{"limit": 1} x"#).unwrap_err();
+        assert!(e.contains("trailing characters"), "{e}");
     }
 
     #[test]

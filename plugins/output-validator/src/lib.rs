@@ -227,8 +227,8 @@ static CONFIG: OnceLock<Result<Config, String>> = OnceLock::new();
 struct OutputValidator;
 
 impl Guest for OutputValidator {
-    fn describe() -> PluginInfo {
-        info(NAME).on_response()
+    fn describe() -> Result<PluginInfo, String> {
+        described::<Config>(info(NAME).on_response())
     }
 
     fn on_request(_: RequestView) -> RequestDecision {

@@ -222,8 +222,8 @@ static CONFIG: OnceLock<Result<Config, String>> = OnceLock::new();
 struct RateLimit;
 
 impl Guest for RateLimit {
-    fn describe() -> PluginInfo {
-        info(NAME).on_request()
+    fn describe() -> Result<PluginInfo, String> {
+        described::<Config>(info(NAME).on_request())
     }
 
     fn on_request(req: RequestView) -> RequestDecision {

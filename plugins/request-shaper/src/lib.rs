@@ -284,12 +284,14 @@ static CONFIG: OnceLock<Result<Config, String>> = OnceLock::new();
 struct RequestShaper;
 
 impl Guest for RequestShaper {
-    fn describe() -> PluginInfo {
+    fn describe() -> Result<PluginInfo, String> {
+        let cfg = config_checked::<Config>()?;
         let info = info(NAME).on_request();
-        match cached_config(&CONFIG, NAME) {
-            Ok(cfg) if cfg.needs_raw_json() => info.raw_json(),
-            _ => info,
-        }
+        Ok(if cfg.needs_raw_json() {
+            info.raw_json()
+        } else {
+            info
+        })
     }
 
     fn on_request(req: RequestView) -> RequestDecision {

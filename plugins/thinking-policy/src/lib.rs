@@ -177,8 +177,8 @@ static CONFIG: OnceLock<Result<Config, String>> = OnceLock::new();
 struct ThinkingPolicy;
 
 impl Guest for ThinkingPolicy {
-    fn describe() -> PluginInfo {
-        info(NAME).on_request()
+    fn describe() -> Result<PluginInfo, String> {
+        described::<Config>(info(NAME).on_request())
     }
 
     fn on_request(req: RequestView) -> RequestDecision {
