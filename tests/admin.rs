@@ -175,9 +175,8 @@ async fn an_upload_is_live_for_the_next_request_and_lists_its_versions() {
     // The other tenant is untouched.
     assert_eq!(chat(&gw, OTHER_KEY, &long_prompt()).await.0, 200);
 
-    // A second version under the same name replaces the first at once: a
-    // request-shaper that aliases "v4" (and accepts the same chain config?
-    // no: the chain's config is context-cap's, which the shaper refuses).
+    // A new version must accept the config its chain step gives it: a
+    // request-shaper uploaded as "cap" refuses context-cap's config.
     let v2 = admin
         .upload("acme", "cap", component("request-shaper"))
         .await;
