@@ -412,13 +412,18 @@ impl AdminError {
             AdminError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             AdminError::Registry(e) => match e {
                 R::NoPlugin(_) | R::NoVersion { .. } => StatusCode::NOT_FOUND,
-                R::NoEarlierVersion(_) | R::InChain(_) | R::Contended(_) => StatusCode::CONFLICT,
+                R::NoEarlierVersion(_) | R::InChain(_) | R::Contended(_) | R::Stale { .. } => {
+                    StatusCode::CONFLICT
+                }
                 R::Refused(LoadError::NotAComponent(_)) => StatusCode::BAD_REQUEST,
                 R::Refused(_) | R::ChainRefused { .. } | R::CheckTimeout(_) => {
                     StatusCode::UNPROCESSABLE_ENTITY
                 }
                 R::BadChain(_) => StatusCode::BAD_REQUEST,
-                R::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+                R::Busy | R::Store(crate::registry::store::StoreError::Unavailable(_)) => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                R::Internal(_) | R::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
         }
     }
@@ -442,6 +447,9 @@ impl AdminError {
                 R::NoEarlierVersion(_) => "no_earlier_version",
                 R::InChain(_) => "plugin_in_chain",
                 R::Contended(_) => "conflict",
+                R::Stale { .. } => "revision_mismatch",
+                R::Busy => "registry_busy",
+                R::Internal(_) => "internal_error",
                 R::Refused(LoadError::NotAComponent(_)) => "not_a_component",
                 R::Refused(LoadError::Incompatible(_)) => "incompatible_component",
                 R::Refused(LoadError::Config(_)) | R::ChainRefused { .. } => {
@@ -450,7 +458,10 @@ impl AdminError {
                 R::Refused(LoadError::Describe(_)) => "plugin_describe_failed",
                 R::CheckTimeout(_) => "check_timeout",
                 R::BadChain(_) => "invalid_chain",
-                R::Store(_) => "registry_unavailable",
+                R::Store(crate::registry::store::StoreError::Unavailable(_)) => {
+                    "registry_unavailable"
+                }
+                R::Store(_) => "registry_corrupt",
             },
         }
     }

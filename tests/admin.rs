@@ -300,6 +300,76 @@ async fn rollback_delete_and_chain_reset() {
         .await);
     let r = admin.get("/tenants/acme/plugins/shape").await;
     refused(r, 404, "plugin_not_found");
+    // A name uploaded again does not reuse the numbers it had.
+    let again = ok(admin
+        .upload("acme", "shape", component("request-shaper"))
+        .await);
+    assert_eq!(again["version"]["version"], 3);
+
+    // A chain edit based on an old read is refused, not applied over
+    // another's change.
+    let seen = ok(admin.get("/tenants/acme/chain").await)["revision"]
+        .as_u64()
+        .unwrap();
+    ok(admin
+        .set_chain("acme", json!([{ "builtin": "request-shaper" }]))
+        .await);
+    let body = |v: Value| Some(serde_json::to_vec(&v).unwrap());
+    let stale = admin
+        .send(
+            reqwest::Method::PUT,
+            "/tenants/acme/chain",
+            body(json!({ "plugins": [], "revision": seen })),
+        )
+        .await;
+    refused(stale, 409, "revision_mismatch");
+    let now = ok(admin.get("/tenants/acme/chain").await);
+    assert_eq!(now["plugins"][0]["builtin"], "request-shaper");
+    let current = json!({ "plugins": [], "revision": now["revision"] });
+    ok(admin
+        .send(reqwest::Method::PUT, "/tenants/acme/chain", body(current))
+        .await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_changes_all_land_and_the_last_one_is_live() {
+    let engine = sim_engine(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(&config(&url(&engine), dir.path(), "")).await;
+    let admin = Admin {
+        gw: &gw,
+        key: ACME_ADMIN,
+    };
+    let uploads = (0..4).map(|i| {
+        let name = format!("request-shape{i}");
+        let bytes = patched(
+            component("request-shaper"),
+            b"request-shaper",
+            name.as_bytes(),
+        );
+        admin.upload("acme", "shape", bytes)
+    });
+    let chains = (0..4).map(|i| {
+        let step =
+            json!([{ "builtin": "context-cap", "config": { "max_input_tokens": 1000 + i } }]);
+        admin.set_chain("acme", step)
+    });
+    let (ups, sets) = tokio::join!(
+        futures_util::future::join_all(uploads),
+        futures_util::future::join_all(chains)
+    );
+    for r in ups.into_iter().chain(sets) {
+        ok(r);
+    }
+    let list = ok(admin.get("/tenants/acme/plugins").await);
+    assert_eq!(list["revision"], 8, "every change landed: {list}");
+    assert_eq!(list["plugins"][0]["versions"].as_array().unwrap().len(), 4);
+    // What runs is what was stored last.
+    let chain = ok(admin.get("/tenants/acme/chain").await);
+    assert_eq!(chain["revision"], 8, "{chain}");
+    let stored = std::fs::read_to_string(dir.path().join("tenants/acme.json")).unwrap();
+    let stored: Value = serde_json::from_str(&stored).unwrap();
+    assert_eq!(chain["plugins"][0]["config"], stored["chain"][0]["config"]);
 }
 
 #[tokio::test]
@@ -372,11 +442,21 @@ async fn bad_uploads_and_chains_are_refused_with_a_reason() {
 
     // Chains: unknown plugin, unknown built-in, a config the plugin refuses,
     // both or neither of plugin/builtin, and a body that is not the shape.
-    refused(
+    let msg = refused(
         admin.set_chain("acme", json!([{ "plugin": "nope" }])).await,
-        404,
-        "plugin_not_found",
+        400,
+        "invalid_chain",
     );
+    assert!(msg.contains("plugins[0]") && msg.contains("nope"), "{msg}");
+    let long: Vec<Value> = (0..33)
+        .map(|_| json!({ "builtin": "request-shaper" }))
+        .collect();
+    let msg = refused(
+        admin.set_chain("acme", json!(long)).await,
+        400,
+        "invalid_chain",
+    );
+    assert!(msg.contains("at most 32"), "{msg}");
     let msg = refused(
         admin
             .set_chain("acme", json!([{ "builtin": "nope" }]))
@@ -617,19 +697,26 @@ async fn swaps_under_steady_load_fail_no_request() {
     for round in 0..6 {
         // v2 live (new, then the same bytes again), back to v1, and a chain
         // rewrite with an extra step.
-        ok(admin.upload("acme", "shape", v2.clone()).await);
+        let up = ok(admin.upload("acme", "shape", v2.clone()).await);
+        let live = ok(admin.get("/tenants/acme/chain").await);
+        assert_eq!(
+            live["plugins"][0]["sha256"], up["version"]["sha256"],
+            "v2 is live"
+        );
         progress(done.clone()).await;
-        ok(admin
-            .send(
-                reqwest::Method::POST,
-                "/tenants/acme/plugins/shape/rollback",
-                None,
-            )
-            .await);
+        let rollback = "/tenants/acme/plugins/shape/rollback";
+        let back = ok(admin.send(reqwest::Method::POST, rollback, None).await);
+        let live = ok(admin.get("/tenants/acme/chain").await);
+        assert_eq!(
+            live["plugins"][0]["sha256"], back["active"]["sha256"],
+            "v1 is live again"
+        );
+        assert_ne!(back["active"]["sha256"], up["version"]["sha256"]);
         progress(done.clone()).await;
         let extra = json!([{ "plugin": "shape", "config": alias },
                            { "builtin": "context-cap", "config": { "max_input_tokens": 100000 + round } }]);
-        ok(admin.set_chain("acme", extra).await);
+        let live = ok(admin.set_chain("acme", extra).await);
+        assert_eq!(live["plugins"].as_array().unwrap().len(), 2);
         progress(done.clone()).await;
         ok(admin
             .set_chain("acme", json!([{ "plugin": "shape", "config": alias }]))
@@ -771,14 +858,27 @@ async fn a_replica_that_loses_redis_keeps_its_last_good_set() {
     let mut redis = support::redis::RedisServer::start();
     let engine = sim_engine(&[]).await;
     let dir = tempfile::tempdir().unwrap();
+    let writer_dir = tempfile::tempdir().unwrap();
+    let writer = Gateway::start(&replica(&url(&engine), writer_dir.path(), &redis)).await;
+    // The replica under test only follows what the writer changes.
     let text = replica(&url(&engine), dir.path(), &redis);
     let gw = Gateway::start(&text).await;
+    let on_writer = Admin {
+        gw: &writer,
+        key: ACME_ADMIN,
+    };
+    ok(on_writer
+        .upload("acme", "cap", component("context-cap"))
+        .await);
+    ok(on_writer.set_chain("acme", cap_chain("cap")).await);
+    within("the follower has the chain", || async {
+        chat(&gw, ACME_KEY, &long_prompt()).await.0 == 400
+    })
+    .await;
     let admin = Admin {
         gw: &gw,
         key: ACME_ADMIN,
     };
-    ok(admin.upload("acme", "cap", component("context-cap")).await);
-    ok(admin.set_chain("acme", cap_chain("cap")).await);
 
     redis.stop();
     let ready = {

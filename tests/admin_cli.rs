@@ -231,6 +231,8 @@ fn a_plugin_from_the_template_goes_live_on_the_demo_with_the_cli() {
     );
     let (ok, text) = cli(&demo, "sk-wrong", &["plugin", "list", "--tenant", "demo"]);
     assert!(!ok && text.contains("401 invalid_admin_key"), "{text}");
+    let (ok, text) = cli(&demo, ADMIN, &["plugin", "list", "--tenant", "ghost"]);
+    assert!(!ok && text.contains("404 tenant_not_found"), "{text}");
 
     // Every change and refusal is in the audit log, with the sha256.
     let sha = {
@@ -260,8 +262,23 @@ fn a_plugin_from_the_template_goes_live_on_the_demo_with_the_cli() {
             "{action} not audited:\n{log}"
         );
     }
+    // Refusals too: a config the plugin refused, a wrong key, another tenant.
+    for (what, code) in [
+        ("set-chain", "plugin_config_refused"),
+        ("read", "invalid_admin_key"),
+        ("read", "tenant_not_found"),
+    ] {
+        assert!(
+            audit.iter().any(|l| l.contains("outcome=\"refused\"")
+                && l.contains(&format!("action=\"{what}\""))
+                && l.contains(&format!("code=\"{code}\""))),
+            "{what}/{code} refusal not audited:\n{log}"
+        );
+    }
     assert!(
-        audit.iter().any(|l| l.contains("outcome=\"refused\"")),
+        audit
+            .iter()
+            .any(|l| l.contains("tenant=\"ghost\"") && l.contains("actor=\"demo-admin\"")),
         "{log}"
     );
 }

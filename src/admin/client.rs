@@ -298,7 +298,7 @@ impl Client {
                     .await
             }
             ChainCommand::Remove { name, builtin } => {
-                let mut steps = self.editable_chain().await?;
+                let (mut steps, revision) = self.editable_chain().await?;
                 let before = steps.len();
                 steps.retain(|s| {
                     !(name.is_some() && s["plugin"].as_str() == name.as_deref()
@@ -307,7 +307,7 @@ impl Client {
                 if steps.len() == before {
                     bail!("the chain has no such step");
                 }
-                self.put_chain(json!({ "plugins": steps }).to_string())
+                self.put_chain(json!({ "plugins": steps, "revision": revision }).to_string())
                     .await
             }
             ChainCommand::Reset => {
@@ -330,7 +330,7 @@ impl Client {
     ) -> anyhow::Result<()> {
         let config: Value = serde_json::from_str(config)
             .map_err(|e| anyhow::anyhow!("--config is not JSON: {e}"))?;
-        let mut steps = self.editable_chain().await?;
+        let (mut steps, revision) = self.editable_chain().await?;
         let mut step = json!({ "config": config, "failure": FailurePolicy::from(failure) });
         match (name, builtin) {
             (Some(n), _) => step["plugin"] = json!(n),
@@ -339,13 +339,14 @@ impl Client {
         }
         let at = position.unwrap_or(steps.len()).min(steps.len());
         steps.insert(at, step);
-        self.put_chain(json!({ "plugins": steps }).to_string())
+        self.put_chain(json!({ "plugins": steps, "revision": revision }).to_string())
             .await
     }
 
-    /// The live chain as steps the API takes back; a chain from the config
-    /// file is carried over when its steps are built-ins.
-    async fn editable_chain(&self) -> anyhow::Result<Vec<Value>> {
+    /// The live chain as steps the API takes back, and its revision (the
+    /// change is refused if someone else changed the chain meanwhile). A
+    /// chain from the config file is carried over when its steps are built-ins.
+    async fn editable_chain(&self) -> anyhow::Result<(Vec<Value>, Value)> {
         let v = self
             .call(reqwest::Method::GET, &self.tenant_path("/chain"), None)
             .await?;
@@ -358,13 +359,13 @@ impl Client {
                 step["builtin"] = json!(b);
             } else {
                 bail!(
-                    "the config file's chain runs a plugin file ({}); only the operator can change that chain",
+                    "the config file's chain runs a plugin file ({}), which the admin API cannot name; set the whole chain with `sluice plugin chain set FILE`",
                     s["path"]
                 );
             }
             steps.push(step);
         }
-        Ok(steps)
+        Ok((steps, v["revision"].clone()))
     }
 
     async fn put_chain(&self, body: String) -> anyhow::Result<()> {

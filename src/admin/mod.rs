@@ -60,6 +60,18 @@ fn route(path: &str) -> Option<Route<'_>> {
     })
 }
 
+/// What the audit record of one admin request says; filled in as the
+/// request is understood, written once when it is answered.
+#[derive(Default)]
+struct Audit {
+    actor: String,
+    tenant: String,
+    action: &'static str,
+    plugin: String,
+    /// The uploaded component's, or the live chain's steps' (comma-separated).
+    sha256: String,
+}
+
 /// Serve one admin request. Never fails: errors become responses here.
 pub async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<ProxyBody> {
     let ids = RequestIds::from_headers(req.headers());
@@ -69,10 +81,28 @@ pub async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<ProxyBody
         path = %req.uri().path(),
         actor = tracing::field::Empty,
         tenant = tracing::field::Empty,
+        sha256 = tracing::field::Empty,
         trace_id = %ids.trace_id,
     );
-    let resp = match serve(admin, req).instrument(span.clone()).await {
+    let mut audit = Audit::default();
+    let result = serve(admin, req, &mut audit).instrument(span.clone()).await;
+    for (field, value) in [
+        ("actor", &audit.actor),
+        ("tenant", &audit.tenant),
+        ("sha256", &audit.sha256),
+    ] {
+        if !value.is_empty() {
+            span.record(field, value.as_str());
+        }
+    }
+    let _in_span = span.enter();
+    let a = &audit;
+    let resp = match result {
         Ok((status, body)) => {
+            // Reads are not audited; every change is.
+            if !a.action.is_empty() {
+                tracing::info!(target: "sluice::audit", actor = a.actor, tenant = a.tenant, action = a.action, plugin = a.plugin, sha256 = a.sha256, outcome = "ok", "admin change");
+            }
             let mut resp = Response::new(body::json(&body));
             *resp.status_mut() = status;
             resp.headers_mut().insert(
@@ -82,9 +112,14 @@ pub async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<ProxyBody
             resp
         }
         Err(e) => {
-            span.in_scope(|| {
-                tracing::info!(status = e.status().as_u16(), code = e.code(), error = %e, "admin request refused")
-            });
+            // Every refusal is audited, reads and unauthenticated calls too:
+            // probing is what the audit trail is for.
+            let action = if a.action.is_empty() {
+                "read"
+            } else {
+                a.action
+            };
+            tracing::warn!(target: "sluice::audit", actor = a.actor, tenant = a.tenant, action, plugin = a.plugin, sha256 = a.sha256, outcome = "refused", status = e.status().as_u16(), code = e.code(), reason = %e, "admin request refused");
             e.into_response(&ids.trace_id)
         }
     };
@@ -93,10 +128,18 @@ pub async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<ProxyBody
 
 type Answer = Result<(StatusCode, Value), AdminError>;
 
-async fn serve(admin: &Admin, req: Request<Incoming>) -> Answer {
+async fn serve(admin: &Admin, req: Request<Incoming>, audit: &mut Audit) -> Answer {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_owned();
     let method = parts.method.clone();
+    audit.action = match method {
+        Method::PUT if path.ends_with("/chain") => "set-chain",
+        Method::DELETE if path.ends_with("/chain") => "reset-chain",
+        Method::PUT => "upload",
+        Method::DELETE => "delete",
+        Method::POST => "rollback",
+        _ => "",
+    };
     let not_found = || AdminError::NotFound {
         method: method.to_string(),
         path: path.clone(),
@@ -107,14 +150,13 @@ async fn serve(admin: &Admin, req: Request<Incoming>) -> Answer {
     };
     let route = route(&path).ok_or_else(not_found)?;
     let actor = admin.keys.authenticate(&parts.headers)?;
-    let span = tracing::Span::current();
-    span.record("actor", actor.key_id());
+    audit.actor = actor.key_id().to_owned();
     let gw = admin.registry.gateway();
 
     // Resolve the tenant before looking at anything else, and answer every
     // tenant this actor may not act on exactly like one that does not exist.
-    let tenant_of = |id: &str| -> Result<usize, AdminError> {
-        span.record("tenant", id);
+    let tenant_of = |id: &str, audit: &mut Audit| -> Result<usize, AdminError> {
+        audit.tenant = id.to_owned();
         match gw.tenant_index(id) {
             Some(t) if actor.may_act_on(t) => Ok(t),
             _ => Err(AdminError::NoTenant(id.to_owned())),
@@ -133,7 +175,7 @@ async fn serve(admin: &Admin, req: Request<Incoming>) -> Answer {
             Ok((StatusCode::OK, json!({ "tenants": tenants })))
         }
         (Route::Plugins(t), &Method::GET) => {
-            let t = tenant_of(t)?;
+            let t = tenant_of(t, audit)?;
             let index = r.index(t).await?;
             let plugins: Vec<Value> = index
                 .plugins
@@ -146,7 +188,8 @@ async fn serve(admin: &Admin, req: Request<Incoming>) -> Answer {
             ))
         }
         (Route::Plugin(t, name), m) => {
-            let t = tenant_of(t)?;
+            let t = tenant_of(t, audit)?;
+            audit.plugin = (*name).to_owned();
             check_name(name)?;
             match *m {
                 Method::GET => {
@@ -156,25 +199,17 @@ async fn serve(admin: &Admin, req: Request<Incoming>) -> Answer {
                     })?;
                     Ok((StatusCode::OK, plugin_json(&index, name, rec)))
                 }
-                Method::PUT => upload(admin, &actor, t, name, &parts.headers, body).await,
+                Method::PUT => upload(admin, &actor, t, name, &parts.headers, body, audit).await,
                 Method::DELETE => {
-                    let result = r.delete(t, name).await;
-                    audit(
-                        &actor,
-                        gw.tenant_config(t).id.as_str(),
-                        "delete",
-                        name,
-                        None,
-                        &result,
-                    );
-                    result?;
+                    r.delete(t, name).await?;
                     Ok((StatusCode::OK, json!({"plugin": name, "deleted": true})))
                 }
                 _ => Err(not_allowed()),
             }
         }
         (Route::Rollback(t, name), &Method::POST) => {
-            let t = tenant_of(t)?;
+            let t = tenant_of(t, audit)?;
+            audit.plugin = (*name).to_owned();
             check_name(name)?;
             #[derive(Deserialize, Default)]
             #[serde(deny_unknown_fields)]
@@ -187,55 +222,36 @@ async fn serve(admin: &Admin, req: Request<Incoming>) -> Answer {
             } else {
                 serde_json::from_slice(&bytes).map_err(|e| AdminError::BadJson(e.to_string()))?
             };
-            let result = r.rollback(t, name, req.version).await;
-            let sha = result.as_ref().ok().map(|v| v.sha256.as_str());
-            audit(
-                &actor,
-                &gw.tenant_config(t).id,
-                "rollback",
-                name,
-                sha,
-                &result,
-            );
-            let v = result?;
+            let v = r.rollback(t, name, req.version).await?;
+            audit.sha256 = v.sha256.clone();
             Ok((StatusCode::OK, json!({"plugin": name, "active": v})))
         }
         (Route::Chain(t), m) => {
-            let t = tenant_of(t)?;
+            let t = tenant_of(t, audit)?;
             match *m {
-                Method::GET => Ok((StatusCode::OK, chain_json(admin, t, &r.index(t).await?))),
+                Method::GET => Ok((StatusCode::OK, chain_json(admin, t))),
                 Method::PUT => {
                     #[derive(Deserialize)]
                     #[serde(deny_unknown_fields)]
                     struct Body {
                         plugins: Vec<ChainEntry>,
+                        /// Apply only if the chain is still at this revision.
+                        revision: Option<u64>,
                     }
                     let bytes =
                         read_body(body, 1 << 20, admin.body_timeout, &parts.headers).await?;
                     let req: Body = serde_json::from_slice(&bytes)
                         .map_err(|e| AdminError::BadJson(e.to_string()))?;
-                    let result = r.set_chain(t, Some(req.plugins)).await;
-                    audit(
-                        &actor,
-                        &gw.tenant_config(t).id,
-                        "set-chain",
-                        "",
-                        None,
-                        &result,
-                    );
-                    Ok((StatusCode::OK, chain_json(admin, t, &result?)))
+                    r.set_chain(t, Some(req.plugins), req.revision).await?;
+                    let view = chain_json(admin, t);
+                    audit.sha256 = chain_shas(&view);
+                    Ok((StatusCode::OK, view))
                 }
                 Method::DELETE => {
-                    let result = r.set_chain(t, None).await;
-                    audit(
-                        &actor,
-                        &gw.tenant_config(t).id,
-                        "reset-chain",
-                        "",
-                        None,
-                        &result,
-                    );
-                    Ok((StatusCode::OK, chain_json(admin, t, &result?)))
+                    r.set_chain(t, None, None).await?;
+                    let view = chain_json(admin, t);
+                    audit.sha256 = chain_shas(&view);
+                    Ok((StatusCode::OK, view))
                 }
                 _ => Err(not_allowed()),
             }
@@ -251,23 +267,15 @@ async fn upload(
     name: &str,
     headers: &http::HeaderMap,
     body: Incoming,
+    audit: &mut Audit,
 ) -> Answer {
-    let tenant_id = admin.registry.gateway().tenant_config(tenant).id.clone();
     let limit = admin.registry.max_plugin_bytes();
-    let bytes = match read_body(body, limit, admin.body_timeout, headers).await {
-        Ok(b) => b,
-        Err(e) => {
-            audit(actor, &tenant_id, "upload", name, None, &Err::<(), _>(&e));
-            return Err(e);
-        }
-    };
-    let sha256 = hex::encode(sha2::Sha256::digest(&bytes));
-    let result = admin
+    let bytes = read_body(body, limit, admin.body_timeout, headers).await?;
+    audit.sha256 = hex::encode(sha2::Sha256::digest(&bytes));
+    let up = admin
         .registry
         .upload(tenant, name, bytes, actor.key_id())
-        .await;
-    audit(actor, &tenant_id, "upload", name, Some(&sha256), &result);
-    let up = result?;
+        .await?;
     let status = if up.created {
         StatusCode::CREATED
     } else {
@@ -283,6 +291,16 @@ async fn upload(
             "in_chain": up.in_chain,
         }),
     ))
+}
+
+fn chain_shas(view: &Value) -> String {
+    view["plugins"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["sha256"].as_str())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn whoami(admin: &Admin, actor: &Actor) -> Value {
@@ -315,13 +333,18 @@ fn plugin_json(index: &TenantIndex, name: &str, rec: &PluginRecord) -> Value {
     })
 }
 
-/// The chain as stored, with the sha256 of what is live at each step.
-fn chain_json(admin: &Admin, tenant: usize, index: &TenantIndex) -> Value {
+/// The chain that runs now, with the sha256 of the component at each step.
+fn chain_json(admin: &Admin, tenant: usize) -> Value {
     let gw = admin.registry.gateway();
-    let live = admin.registry.live_chain(tenant);
+    let (live, index) = admin.registry.live(tenant);
     let sha_at = |i: usize| live.entries.get(i).map(|e| e.sha256.clone());
-    let (source, plugins): (&str, Vec<Value>) = match &index.chain {
-        Some(entries) => (
+    let revision = index.as_ref().map_or(0, |i| i.revision);
+    let (source, plugins): (&str, Vec<Value>) = match index.as_deref() {
+        Some(TenantIndex {
+            chain: Some(entries),
+            plugins,
+            ..
+        }) => (
             "registry",
             entries
                 .iter()
@@ -329,7 +352,7 @@ fn chain_json(admin: &Admin, tenant: usize, index: &TenantIndex) -> Value {
                 .map(|(i, e)| {
                     let mut j = serde_json::to_value(e).unwrap_or_default();
                     if let Some(name) = &e.plugin
-                        && let Some(rec) = index.plugins.get(name)
+                        && let Some(rec) = plugins.get(name)
                     {
                         j["version"] = json!(rec.active);
                     }
@@ -338,7 +361,7 @@ fn chain_json(admin: &Admin, tenant: usize, index: &TenantIndex) -> Value {
                 })
                 .collect(),
         ),
-        None => (
+        _ => (
             "config",
             gw.tenant_config(tenant)
                 .plugins
@@ -363,7 +386,7 @@ fn chain_json(admin: &Admin, tenant: usize, index: &TenantIndex) -> Value {
     json!({
         "tenant": gw.tenant_config(tenant).id,
         "source": source,
-        "revision": index.revision,
+        "revision": revision,
         "plugins": plugins,
     })
 }
@@ -407,26 +430,5 @@ async fn read_body(
             Err(AdminError::TooLarge { limit })
         }
         Ok(Err(e)) => Err(AdminError::BodyRead(e.to_string())),
-    }
-}
-
-/// One audit record per change or refusal.
-fn audit<T, E: std::fmt::Display>(
-    actor: &Actor,
-    tenant: &str,
-    action: &str,
-    plugin: &str,
-    sha256: Option<&str>,
-    result: &Result<T, E>,
-) {
-    let actor = actor.key_id();
-    let sha256 = sha256.unwrap_or("");
-    match result {
-        Ok(_) => {
-            tracing::info!(target: "sluice::audit", actor, tenant, action, plugin, sha256, outcome = "ok", "admin change")
-        }
-        Err(e) => {
-            tracing::warn!(target: "sluice::audit", actor, tenant, action, plugin, sha256, outcome = "refused", reason = %e, "admin change refused")
-        }
     }
 }

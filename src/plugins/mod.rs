@@ -153,6 +153,15 @@ impl PluginEngine {
             .cloned()
     }
 
+    /// Drop a compiled component from the cache (a refused upload); chains
+    /// that hold it keep their copy.
+    pub fn evict(&self, sha256: &str) {
+        self.cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(sha256);
+    }
+
     /// Compile (or find compiled) and link a component.
     pub fn compile(&self, bytes: &[u8]) -> Result<Arc<Compiled>, LoadError> {
         let sha256 = hex::encode(sha2::Sha256::digest(bytes));

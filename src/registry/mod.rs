@@ -16,7 +16,7 @@ pub mod model;
 pub mod redis;
 pub mod store;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -54,10 +54,16 @@ pub enum RegistryError {
     },
     #[error("invalid chain: {0}")]
     BadChain(String),
+    #[error("the chain changed since revision {expected} (now {actual}); read it again and retry")]
+    Stale { expected: u64, actual: u64 },
     #[error("the checks took longer than {0:?}")]
     CheckTimeout(Duration),
+    #[error("the registry is busy with other changes; retry shortly")]
+    Busy,
     #[error("another change to this tenant won the race {0} times; try again")]
     Contended(u32),
+    #[error("internal error: {0}")]
+    Internal(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -65,7 +71,8 @@ pub enum RegistryError {
 /// The registry's view of its store, for `/readyz` and logs.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Health {
-    pub store: String,
+    /// `directory` or `redis` (where exactly is logged, not shown here).
+    pub store: &'static str,
     /// `ok`, or `degraded`: the shared store cannot be reached and this
     /// replica serves its last good set.
     pub status: &'static str,
@@ -73,6 +80,10 @@ pub struct Health {
     pub error: Option<String>,
     /// RFC 3339 time of the last change of `status`.
     pub since: String,
+    /// Tenants whose stored chain could not be put live, with the reason;
+    /// they run the chain they had.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub failing: BTreeMap<String, String>,
 }
 
 pub struct Registry {
@@ -82,11 +93,15 @@ pub struct Registry {
     store: Arc<dyn Store>,
     /// The local copy of a shared store, read when it cannot be reached.
     mirror: Option<Arc<fs::FsStore>>,
-    /// Revision of each tenant's index that is live here.
-    live: Mutex<HashMap<usize, u64>>,
+    /// Per tenant, the index whose chain is live here.
+    live: Mutex<HashMap<usize, Arc<TenantIndex>>>,
+    /// Per tenant, a stored revision that could not be put live and why; not
+    /// retried until the revision changes.
+    failed: Mutex<HashMap<usize, (u64, String)>>,
     health: Mutex<Health>,
-    /// Compiling is CPU-heavy: one check at a time keeps serving responsive.
-    checks: Semaphore,
+    /// Compiling and building chains is CPU-heavy: one check or change at a
+    /// time keeps serving responsive and bounds what uploads can take.
+    checks: Arc<Semaphore>,
 }
 
 /// What an upload did.
@@ -102,6 +117,8 @@ pub struct Uploaded {
 }
 
 const CAS_ATTEMPTS: u32 = 8;
+/// Steps in one chain: each holds pooled instances shared by every tenant.
+pub const MAX_CHAIN_STEPS: usize = 32;
 
 impl Registry {
     /// Open the store, load every tenant's stored chain and put it live. A
@@ -113,7 +130,7 @@ impl Registry {
             .cloned()
             .ok_or_else(|| anyhow::anyhow!("the registry needs the plugin engine"))?;
         let local = Arc::new(fs::FsStore::open(&cfg.data_dir)?);
-        let (store, mirror): (Arc<dyn Store>, _) = match &cfg.redis_url {
+        let (store, mirror, kind): (Arc<dyn Store>, _, _) = match &cfg.redis_url {
             Some(url) => (
                 Arc::new(redis::RedisStore::open(
                     url,
@@ -121,15 +138,18 @@ impl Registry {
                     cfg.store_timeout,
                 )?),
                 Some(local),
+                "redis",
             ),
-            None => (local, None),
+            None => (local, None, "directory"),
         };
+        tracing::info!(store = %store.location(), "plugin registry");
         let registry = Arc::new(Registry {
             health: Mutex::new(Health {
-                store: store.location(),
+                store: kind,
                 status: "ok",
                 error: None,
                 since: now_rfc3339(),
+                failing: BTreeMap::new(),
             }),
             cfg,
             gateway,
@@ -137,7 +157,8 @@ impl Registry {
             store,
             mirror,
             live: Mutex::new(HashMap::new()),
-            checks: Semaphore::new(1),
+            failed: Mutex::new(HashMap::new()),
+            checks: Arc::new(Semaphore::new(1)),
         });
         let r = registry.clone();
         tokio::task::spawn_blocking(move || r.load_all()).await??;
@@ -166,56 +187,63 @@ impl Registry {
     }
 
     pub fn health(&self) -> Health {
-        self.health
+        let mut h = self
+            .health
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+            .clone();
+        h.failing = self
+            .failed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(t, (_, why))| (self.gateway.tenant_config(*t).id.clone(), why.clone()))
+            .collect();
+        h
     }
 
     pub fn max_plugin_bytes(&self) -> usize {
         self.cfg.max_plugin_bytes
     }
 
+    /// Only reachability moves the health; bad data is a tenant's failure.
     fn set_health(&self, result: Result<(), &StoreError>) {
         let mut h = self.health.lock().unwrap_or_else(PoisonError::into_inner);
         match result {
             Ok(()) if h.status != "ok" => {
-                tracing::info!(store = %h.store, "registry store reachable again; following it");
+                tracing::info!(store = %self.store.location(), "registry store reachable again; following it");
                 h.status = "ok";
                 h.error = None;
                 h.since = now_rfc3339();
             }
-            Err(e) if h.status == "ok" => {
-                tracing::error!(store = %h.store, error = %e, "registry store unreachable; serving the last good plugin set");
+            Err(e @ StoreError::Unavailable(_)) if h.status == "ok" => {
+                tracing::error!(store = %self.store.location(), error = %e, "registry store unreachable; serving the last good plugin set");
                 h.status = "degraded";
                 h.error = Some(e.to_string());
                 h.since = now_rfc3339();
             }
-            Err(e) => h.error = Some(e.to_string()),
-            Ok(()) => {}
+            Err(e @ StoreError::Unavailable(_)) => h.error = Some(e.to_string()),
+            _ => {}
         }
     }
 
     fn load_all(&self) -> anyhow::Result<()> {
-        let revisions = match self.store.revisions() {
-            Ok(r) => {
+        match self.store.revisions() {
+            Ok(revisions) => {
                 self.set_health(Ok(()));
-                r
+                for tenant in revisions.keys() {
+                    self.follow(tenant, self.store.as_ref(), false);
+                }
             }
             Err(e) => {
                 let Some(mirror) = &self.mirror else {
                     return Err(e.into());
                 };
                 self.set_health(Err(&e));
-                let revisions = mirror.revisions()?;
-                for tenant in revisions.keys() {
-                    self.follow(tenant, mirror.as_ref());
+                for tenant in mirror.revisions()?.keys() {
+                    self.follow(tenant, mirror.as_ref(), false);
                 }
-                return Ok(());
             }
-        };
-        for tenant in revisions.keys() {
-            self.follow(tenant, self.store.as_ref());
         }
         Ok(())
     }
@@ -231,42 +259,48 @@ impl Registry {
             let Some(t) = self.gateway.tenant_index(&tenant) else {
                 continue;
             };
-            self.note_store_revision(t, rev);
-            if self.live_revision(t) < rev {
-                self.follow(&tenant, self.store.as_ref());
+            let failed = self
+                .failed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&t)
+                .is_some_and(|(r, _)| *r == rev);
+            let live = self.live_revision(t);
+            if failed || live == rev {
+                continue;
             }
+            // Behind what is live: the store was replaced (a new or flushed
+            // Redis), and a replica has since written to it from its live
+            // copy; follow it.
+            let replaced = live > rev;
+            if replaced {
+                tracing::warn!(
+                    tenant,
+                    live,
+                    stored = rev,
+                    "the registry store's revision went backwards (store replaced?); following the store"
+                );
+            }
+            self.follow(&tenant, self.store.as_ref(), replaced);
         }
     }
 
     fn live_revision(&self, tenant: usize) -> u64 {
-        *self
-            .live
+        self.live_index(tenant).map_or(0, |i| i.revision)
+    }
+
+    fn live_index(&self, tenant: usize) -> Option<Arc<TenantIndex>> {
+        self.live
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&tenant)
-            .unwrap_or(&0)
-    }
-
-    /// A store whose revision went backwards was replaced (a new, empty
-    /// Redis): follow it from then on instead of ignoring its changes.
-    fn note_store_revision(&self, tenant: usize, revision: u64) {
-        let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(current) = live.get_mut(&tenant)
-            && *current > revision
-        {
-            tracing::warn!(
-                tenant = self.gateway.tenant_config(tenant).id,
-                live = *current,
-                stored = revision,
-                "the registry store's revision went backwards (store replaced?); following the store"
-            );
-            *current = 0;
-        }
+            .cloned()
     }
 
     /// Read a tenant's index from `from`, build its chain and put it live.
-    /// Failures are logged: the tenant keeps the chain it has.
-    fn follow(&self, tenant: &str, from: &dyn Store) {
+    /// On failure the tenant keeps the chain it has (or, at start, gets the
+    /// local copy's), and `/readyz` names it.
+    fn follow(&self, tenant: &str, from: &dyn Store, replaced: bool) {
         let Some(t) = self.gateway.tenant_index(tenant) else {
             tracing::warn!(
                 tenant,
@@ -274,26 +308,32 @@ impl Registry {
             );
             return;
         };
+        let mut revision = 0;
         let result = (|| -> Result<(), RegistryError> {
             let Some(index) = from.read_index(tenant)? else {
                 return Ok(());
             };
+            revision = index.revision;
             let chain = self.build_chain(t, &index, from)?;
-            if let Some(mirror) = &self.mirror
-                && !std::ptr::addr_eq(from, mirror.as_ref())
-            {
-                self.mirror_blobs(mirror, &index, from)?;
-                mirror.mirror_index(tenant, &index)?;
-            }
-            self.install(t, index.revision, chain);
+            self.install(t, Arc::new(index), chain, from, replaced);
             Ok(())
         })();
         match result {
-            Err(RegistryError::Store(e)) => self.set_health(Err(&e)),
-            Err(e) => {
-                tracing::error!(tenant, error = %e, "cannot put the registry's chain live; the tenant keeps its current chain")
-            }
             Ok(()) => {}
+            Err(RegistryError::Store(e @ StoreError::Unavailable(_))) => self.set_health(Err(&e)),
+            Err(e) => {
+                tracing::error!(tenant, revision, error = %e, "cannot put the registry's chain live; the tenant keeps the chain it has");
+                self.failed
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(t, (revision, e.to_string()));
+                if let Some(mirror) = &self.mirror
+                    && !std::ptr::addr_eq(from, mirror.as_ref())
+                    && self.live_revision(t) == 0
+                {
+                    self.follow(tenant, mirror.as_ref(), false);
+                }
+            }
         }
     }
 
@@ -327,19 +367,40 @@ impl Registry {
         Ok(())
     }
 
-    /// Swap in the chain of `revision`, unless a newer one is already live.
-    fn install(&self, tenant: usize, revision: u64, chain: Arc<Chain>) {
+    /// Swap in the chain of `index`, unless a newer one is already live
+    /// (`replaced`: the store started over, so its revision is the truth).
+    /// The local copy follows what goes live, under the same lock, so it
+    /// never moves backwards.
+    fn install(
+        &self,
+        tenant: usize,
+        index: Arc<TenantIndex>,
+        chain: Arc<Chain>,
+        from: &dyn Store,
+        replaced: bool,
+    ) -> bool {
         let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
-        let current = live.entry(tenant).or_insert(0);
-        if revision > *current {
-            *current = revision;
-            self.gateway.swap_chain(tenant, chain);
-            tracing::info!(
-                tenant = self.gateway.tenant_config(tenant).id,
-                revision,
-                "chain live"
-            );
+        let current = live.get(&tenant).map_or(0, |i| i.revision);
+        if index.revision <= current && !replaced {
+            return false;
         }
+        self.gateway.swap_chain(tenant, chain);
+        let id = &self.gateway.tenant_config(tenant).id;
+        tracing::info!(tenant = id, revision = index.revision, "chain live");
+        if let Some(mirror) = &self.mirror
+            && !std::ptr::addr_eq(from, mirror.as_ref())
+            && let Err(e) = self
+                .mirror_blobs(mirror, &index, from)
+                .and_then(|()| mirror.mirror_index(id, &index))
+        {
+            tracing::error!(tenant = id, error = %e, "cannot update the local copy of the registry; a restart without the shared store would serve an older set");
+        }
+        live.insert(tenant, index);
+        self.failed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&tenant);
+        true
     }
 
     /// The chain an index implies: its own chain, or the config file's.
@@ -352,20 +413,25 @@ impl Registry {
         let Some(entries) = &index.chain else {
             return Ok(self.gateway.file_chain(tenant));
         };
+        if entries.len() > MAX_CHAIN_STEPS {
+            return Err(RegistryError::BadChain(format!(
+                "{} steps; a chain has at most {MAX_CHAIN_STEPS}",
+                entries.len()
+            )));
+        }
         let tenant_id = &self.gateway.tenant_config(tenant).id;
         let mut chain = Chain::default();
         for (i, e) in entries.iter().enumerate() {
             let (label, compiled) = match (&e.plugin, &e.builtin) {
                 (Some(name), None) => {
-                    let record = index
+                    let v = index
                         .plugins
                         .get(name)
-                        .ok_or_else(|| RegistryError::NoPlugin(name.clone()))?;
-                    let v = record
-                        .active_version()
-                        .ok_or_else(|| RegistryError::NoVersion {
-                            name: name.clone(),
-                            version: record.active,
+                        .and_then(PluginRecord::active_version)
+                        .ok_or_else(|| {
+                            RegistryError::BadChain(format!(
+                                "plugins[{i}]: no uploaded plugin {name:?}"
+                            ))
                         })?;
                     let compiled = match self.engine.compiled(&v.sha256) {
                         Some(c) => c,
@@ -373,9 +439,6 @@ impl Registry {
                             let bytes = from.get_blob(&v.sha256)?.ok_or_else(|| {
                                 StoreError::Corrupt(format!("blob {} is missing", v.sha256))
                             })?;
-                            if let Some(mirror) = &self.mirror {
-                                mirror.put_blob(&v.sha256, &bytes)?;
-                            }
                             self.engine
                                 .compile(&bytes)
                                 .map_err(RegistryError::Refused)?
@@ -414,38 +477,54 @@ impl Registry {
         Ok(Arc::new(chain))
     }
 
+    /// Wait for the one check-or-change slot, at most `check_timeout`.
+    async fn slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, RegistryError> {
+        tokio::time::timeout(self.cfg.check_timeout, self.checks.clone().acquire_owned())
+            .await
+            .map_err(|_| RegistryError::Busy)?
+            .map_err(|_| RegistryError::Busy)
+    }
+
     /// Change a tenant's index: read, edit, build the chain it implies,
-    /// compare-and-swap, put live. `edit` may run more than once (on races).
+    /// compare-and-swap, put live. `edit` may run more than once (on races
+    /// with other replicas).
     async fn change<T: Send + 'static>(
         self: &Arc<Self>,
         tenant: usize,
         edit: impl Fn(&mut TenantIndex) -> Result<T, RegistryError> + Send + 'static,
-    ) -> Result<(T, TenantIndex), RegistryError> {
+    ) -> Result<(T, Arc<TenantIndex>), RegistryError> {
+        let permit = self.slot().await?;
         let r = self.clone();
         tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let id = r.gateway.tenant_config(tenant).id.clone();
             for _ in 0..CAS_ATTEMPTS {
-                let current = r.store.read_index(&id)?.unwrap_or_default();
-                let mut next = current.clone();
+                let stored = r.store.read_index(&id)?.unwrap_or_default();
+                // A store that lost what is live here (a flushed or new
+                // Redis) is re-seeded from the live copy, not from nothing.
+                let mut next = match r.live_index(tenant) {
+                    Some(live) if live.revision > stored.revision => (*live).clone(),
+                    _ => stored.clone(),
+                };
                 let out = edit(&mut next)?;
-                next.revision = current.revision + 1;
+                next.revision = stored.revision + 1;
                 let chain = r.build_chain(tenant, &next, r.store.as_ref())?;
                 if r.store.write_index(&id, &next)? {
-                    if let Some(mirror) = &r.mirror {
-                        // Best effort: the shared store is the truth.
-                        let _ = r
-                            .mirror_blobs(mirror, &next, r.store.as_ref())
-                            .and_then(|()| mirror.mirror_index(&id, &next));
-                    }
-                    r.note_store_revision(tenant, next.revision);
-                    r.install(tenant, next.revision, chain);
+                    let replaced = r.live_revision(tenant) > next.revision
+                        && r.store
+                            .revisions()
+                            .ok()
+                            .and_then(|m| m.get(&id).copied())
+                            .is_some_and(|now| now < r.live_revision(tenant));
+                    let next = Arc::new(next);
+                    r.install(tenant, next.clone(), chain, r.store.as_ref(), replaced);
                     return Ok((out, next));
                 }
             }
             Err(RegistryError::Contended(CAS_ATTEMPTS))
         })
         .await
-        .map_err(|e| RegistryError::Store(StoreError::Unavailable(e.to_string())))?
+        .map_err(|e| RegistryError::Internal(e.to_string()))?
     }
 
     /// The tenant's index as stored now.
@@ -454,7 +533,7 @@ impl Registry {
         let id = self.gateway.tenant_config(tenant).id.clone();
         tokio::task::spawn_blocking(move || r.store.read_index(&id))
             .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?
+            .map_err(|e| RegistryError::Internal(e.to_string()))?
             .map(Option::unwrap_or_default)
             .map_err(Into::into)
     }
@@ -479,21 +558,29 @@ impl Registry {
             .find(|e| e.plugin.as_deref() == Some(name))
             .map(|e| (e.config.clone(), e.failure));
         let sha256 = hex::encode(sha2::Sha256::digest(&bytes));
-        let info = self.check(tenant, bytes.clone(), chain_config).await?;
+        let (plugin_name, plugin_version) = self.check(tenant, bytes.clone(), chain_config).await?;
 
         let r = self.clone();
-        let blob = (sha256.clone(), bytes);
-        tokio::task::spawn_blocking(move || r.store.put_blob(&blob.0, &blob.1))
-            .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))??;
+        let blob = (sha256.clone(), bytes.clone());
+        tokio::task::spawn_blocking(move || {
+            r.store.put_blob(&blob.0, &blob.1)?;
+            if let Some(mirror) = &r.mirror {
+                // Best effort here; `install` copies what goes live.
+                let _ = mirror.put_blob(&blob.0, &blob.1);
+            }
+            Ok::<_, StoreError>(())
+        })
+        .await
+        .map_err(|e| RegistryError::Internal(e.to_string()))??;
 
-        let plugin = name.to_owned();
         let name = name.to_owned();
+        let plugin = name.clone();
         let actor = actor.to_owned();
         let max_versions = self.cfg.max_versions;
-        let size = info.2;
+        let size = bytes.len() as u64;
         let ((version, created), index) = self
             .change(tenant, move |index| {
+                let floor = index.last_version.get(&name).copied().unwrap_or(0);
                 let record = index.plugins.entry(name.clone()).or_insert(PluginRecord {
                     versions: Vec::new(),
                     active: 0,
@@ -503,17 +590,18 @@ impl Registry {
                     return Ok((v.clone(), false));
                 }
                 let v = Version {
-                    version: record.versions.last().map_or(1, |v| v.version + 1),
+                    version: record.versions.last().map_or(0, |v| v.version).max(floor) + 1,
                     sha256: sha256.clone(),
-                    size: size as u64,
+                    size,
                     uploaded_at: now_rfc3339(),
                     uploaded_by: actor.clone(),
-                    plugin_name: info.0.clone(),
-                    plugin_version: info.1.clone(),
+                    plugin_name: plugin_name.clone(),
+                    plugin_version: plugin_version.clone(),
                 };
                 record.versions.push(v.clone());
                 record.active = v.version;
                 prune(record, max_versions);
+                index.last_version.insert(name.clone(), v.version);
                 Ok((v, true))
             })
             .await?;
@@ -525,46 +613,42 @@ impl Registry {
         })
     }
 
-    /// Compile, link and describe a component, bounded in time and one at a
-    /// time. Returns the plugin's name, version and the size.
+    /// Compile, link and describe a component: one check at a time (the slot
+    /// is held until the work ends, also past a timeout), each answered
+    /// within `check_timeout`. Returns the plugin's own name and version.
     async fn check(
         self: &Arc<Self>,
         tenant: usize,
         bytes: Bytes,
         chain_config: Option<(serde_json::Value, FailurePolicy)>,
-    ) -> Result<(String, String, usize), RegistryError> {
+    ) -> Result<(String, String), RegistryError> {
         let timeout = self.cfg.check_timeout;
-        let _permit = tokio::time::timeout(timeout, self.checks.acquire())
-            .await
-            .map_err(|_| RegistryError::CheckTimeout(timeout))?
-            .map_err(|_| RegistryError::CheckTimeout(timeout))?;
+        let permit = self.slot().await?;
         let r = self.clone();
         let job = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let compiled = r.engine.compile(&bytes).map_err(RegistryError::Refused)?;
+            let sha256 = compiled.sha256.clone();
             let tenant_id = &r.gateway.tenant_config(tenant).id;
             let in_chain = chain_config.is_some();
             let (config, failure) =
                 chain_config.unwrap_or((serde_json::json!({}), FailurePolicy::FailClosed));
             match Entry::new(&r.engine, compiled, tenant_id, &config, failure) {
-                Ok(entry) => Ok((
-                    entry.info.name.clone(),
-                    entry.info.version.clone(),
-                    bytes.len(),
-                )),
-                Err(LoadError::Config(_)) if !in_chain => Ok((
-                    "(unknown until configured)".into(),
-                    String::new(),
-                    bytes.len(),
-                )),
-                Err(e) => Err(RegistryError::Refused(e)),
+                Ok(entry) => Ok((entry.info.name.clone(), entry.info.version.clone())),
+                Err(LoadError::Config(_)) if !in_chain => {
+                    Ok(("(describes itself once configured)".into(), String::new()))
+                }
+                Err(e) => {
+                    // Refused: keep no compiled copy of it around.
+                    r.engine.evict(&sha256);
+                    Err(RegistryError::Refused(e))
+                }
             }
         });
-        // A check past its time is refused; the compile finishes in the
-        // background and only fills the cache.
         tokio::time::timeout(timeout, job)
             .await
             .map_err(|_| RegistryError::CheckTimeout(timeout))?
-            .map_err(|e| RegistryError::Store(StoreError::Unavailable(e.to_string())))?
+            .map_err(|e| RegistryError::Internal(e.to_string()))?
     }
 
     pub async fn delete(self: &Arc<Self>, tenant: usize, name: &str) -> Result<(), RegistryError> {
@@ -621,23 +705,35 @@ impl Registry {
         .map(|(v, _)| v)
     }
 
-    /// Replace the tenant's chain (`None`: back to the config file's).
+    /// Replace the tenant's chain (`None`: back to the config file's). With
+    /// `expected`, only if the index is still at that revision (a client's
+    /// read-modify-write must not undo another's change).
     pub async fn set_chain(
         self: &Arc<Self>,
         tenant: usize,
         chain: Option<Vec<ChainEntry>>,
-    ) -> Result<TenantIndex, RegistryError> {
+        expected: Option<u64>,
+    ) -> Result<(), RegistryError> {
         self.change(tenant, move |index| {
+            if let Some(expected) = expected
+                && expected != index.revision
+            {
+                return Err(RegistryError::Stale {
+                    expected,
+                    actual: index.revision,
+                });
+            }
             index.chain = chain.clone();
             Ok(())
         })
         .await
-        .map(|(_, index)| index)
+        .map(|_| ())
     }
 
-    /// The live chain as the admin API shows it.
-    pub fn live_chain(&self, tenant: usize) -> Arc<Chain> {
-        self.gateway.chain(tenant)
+    /// What runs now for this tenant: the chain and the index it came from
+    /// (`None`: no registry change yet, the config file's chain).
+    pub fn live(&self, tenant: usize) -> (Arc<Chain>, Option<Arc<TenantIndex>>) {
+        (self.gateway.chain(tenant), self.live_index(tenant))
     }
 
     pub fn gateway(&self) -> &Arc<Gateway> {

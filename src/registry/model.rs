@@ -20,6 +20,10 @@ pub struct TenantIndex {
     /// chain is in force.
     #[serde(default)]
     pub chain: Option<Vec<ChainEntry>>,
+    /// The highest version number each plugin name was ever given, so a
+    /// name deleted and uploaded again does not reuse numbers.
+    #[serde(default)]
+    pub last_version: BTreeMap<String, u32>,
 }
 
 /// One uploaded plugin name and its versions.

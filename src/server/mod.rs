@@ -90,6 +90,18 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let tracker = TaskTracker::new();
     let ops_stop = CancellationToken::new();
 
+    let ops_tls = match &cfg.server.ops_tls {
+        Some(t) => Some(TlsAcceptor::from(tls::load(&t.cert, &t.key)?)),
+        None => None,
+    };
+    // Tenants' stored chains are live before the first request is accepted.
+    let registry = match cfg.registry.clone() {
+        Some(r) => {
+            let registry = crate::registry::Registry::open(r, gateway.clone()).await?;
+            Some(registry)
+        }
+        None => None,
+    };
     let mut loops = Vec::new();
     for (listener, tls) in [(http, None), (https, tls)] {
         let Some(listener) = listener else { continue };
@@ -104,14 +116,9 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         };
         loops.push(tokio::spawn(accept_loop(listener, tls, ctx, stop.clone())));
     }
-    let registry = match cfg.registry.clone() {
-        Some(r) => {
-            let registry = crate::registry::Registry::open(r, gateway.clone()).await?;
-            registry.spawn_sync(ops_stop.clone());
-            Some(registry)
-        }
-        None => None,
-    };
+    if let Some(r) = &registry {
+        r.spawn_sync(ops_stop.clone());
+    }
     let admin = registry.map(|registry| {
         Arc::new(crate::admin::Admin {
             registry,
@@ -119,10 +126,6 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             body_timeout: limits.body_read_timeout,
         })
     });
-    let ops_tls = match &cfg.server.ops_tls {
-        Some(t) => Some(TlsAcceptor::from(tls::load(&t.cert, &t.key)?)),
-        None => None,
-    };
     let ops_state = Arc::new(ops::Ops {
         gateway: gateway.clone(),
         admin,
