@@ -119,8 +119,30 @@ enum PluginCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init_logging();
     let command = cli.command.unwrap_or(Command::Demo(cli.demo));
+    // Serving commands export traces (config file, else OTEL_* variables).
+    let otel = match &command {
+        Command::Serve { config } => Config::load(config).ok().map(|c| c.telemetry),
+        Command::Demo(_) => Some(config::TelemetryConfig::default()),
+        _ => None,
+    }
+    .and_then(|t| telemetry::otel::Settings::resolve(&t));
+    let provider = match telemetry::init(otel.as_ref()) {
+        Ok(p) => p,
+        Err(e) => {
+            telemetry::init_logging();
+            tracing::error!(error = %e, "cannot set up trace export; serving without it");
+            None
+        }
+    };
+    let code = dispatch(command);
+    if let Some(p) = &provider {
+        telemetry::flush(p);
+    }
+    code
+}
+
+fn dispatch(command: Command) -> ExitCode {
     match command {
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(cfg) => {

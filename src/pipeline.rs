@@ -29,6 +29,9 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument as _;
+use tracing::field::Empty;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::auth::{Caller, KeyTable};
 use crate::body::{self, ProxyBody};
@@ -109,6 +112,14 @@ impl Endpoint {
         }
     }
 
+    /// `gen_ai.operation.name`.
+    fn operation(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat",
+            Endpoint::Completions | Endpoint::Models => "text_completion",
+        }
+    }
+
     fn path(self) -> &'static str {
         match self {
             Endpoint::ChatCompletions => "/v1/chat/completions",
@@ -127,6 +138,15 @@ struct RequestHead<'a> {
     model: std::borrow::Cow<'a, str>,
     #[serde(default)]
     stream: Option<bool>,
+    // For the trace only: a value that is not a count is the engine's to judge.
+    #[serde(default, deserialize_with = "lenient_u64")]
+    max_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "lenient_u64")]
+    max_completion_tokens: Option<u64>,
+}
+
+fn lenient_u64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    Ok(Value::deserialize(d)?.as_u64())
 }
 
 impl Gateway {
@@ -249,15 +269,45 @@ fn file_chain(
 
 /// Serve one request. Never fails: errors become responses here.
 pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyBody> {
-    let ids = RequestIds::from_headers(req.headers());
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    // The exchange's server span: child of the caller's `traceparent`; it
+    // ends with the response's last byte (the relay holds it).
+    let span = tracing::info_span!(
+        "request",
+        otel.name = %format_args!("{method} {path}"),
+        otel.kind = "server",
+        otel.status_code = Empty,
+        otel.status_description = Empty,
+        http.request.method = %method,
+        url.path = %path,
+        http.response.status_code = Empty,
+        sluice.request_id = Empty,
+        sluice.tenant = Empty,
+        sluice.api_key_id = Empty,
+        gen_ai.request.model = Empty,
+        gen_ai.request.stream = Empty,
+        sluice.error.layer = Empty,
+        error.type = Empty,
+    );
+    let _ = span.set_parent(RequestIds::parent_context(req.headers()));
+    let ids = RequestIds::for_span(&span, req.headers());
+    span.record("sluice.request_id", ids.request_id.as_str());
     let (parts, body) = req.into_parts();
     let mut body = Some(body);
-    let resp = match serve(&gw, parts, &mut body, &ids).await {
-        Ok(resp) => resp,
+    let result = serve(&gw, parts, &mut body, &ids, &span)
+        .instrument(span.clone())
+        .await;
+    let _in_span = span.enter();
+    let resp = match result {
+        Ok(resp) => {
+            span.record("http.response.status_code", resp.status().as_u16());
+            resp
+        }
         Err(err) => {
+            span.record("http.response.status_code", err.status().as_u16());
+            crate::telemetry::record_error(&span, &err);
             if let Some(unread) = body {
                 drain_small_body(unread).await;
             }
@@ -295,6 +345,7 @@ async fn serve(
     parts: http::request::Parts,
     body: &mut Option<Incoming>,
     ids: &RequestIds,
+    span: &tracing::Span,
 ) -> Result<Response<ProxyBody>, GatewayError> {
     // 1. Shed load before doing any work for it.
     let inflight = gw
@@ -307,8 +358,28 @@ async fn serve(
     let endpoint = route(&parts.method, parts.uri.path())?;
 
     // 3. Authenticate before reading a body nobody may have asked for.
-    let caller = gw.keys.authenticate(&parts.headers)?;
+    let auth = tracing::info_span!(
+        "authenticate",
+        sluice.tenant = Empty,
+        sluice.api_key_id = Empty,
+        sluice.error.layer = Empty,
+        error.type = Empty,
+        otel.status_code = Empty,
+        otel.status_description = Empty,
+    );
+    let caller = match auth.in_scope(|| gw.keys.authenticate(&parts.headers)) {
+        Ok(c) => c,
+        Err(e) => {
+            crate::telemetry::record_error(&auth, &e);
+            return Err(e);
+        }
+    };
     let tenant = &gw.tenants[caller.tenant];
+    for s in [span, &auth] {
+        s.record("sluice.tenant", tenant.cfg.id.as_str());
+        s.record("sluice.api_key_id", caller.key_id.as_str());
+    }
+    drop(auth);
     let tenant_chain = tenant.chain.load_full();
     if endpoint == Endpoint::Models {
         return Ok(models_response(tenant));
@@ -340,11 +411,13 @@ async fn serve(
     }
     let mut stream = head.stream.unwrap_or(false);
     let mut model = head.model.into_owned();
+    let mut max_tokens = head.max_tokens.or(head.max_completion_tokens);
     let mut pool = tenant.pool.clone();
     let mut headers = parts.headers;
     let mut bytes = bytes;
 
     // 6. The tenant's plugins: continue, modify or reject.
+    let mut routed_by: Option<String> = None;
     let mut exchange = None;
     let mut patched_body = None;
     if !tenant_chain.is_empty() {
@@ -367,6 +440,7 @@ async fn serve(
         headers = fwd_headers;
         if let Some((name, plugin)) = &outcome.pool {
             pool = tenant.pool_for(name, plugin, &gw.pools)?;
+            routed_by = Some(format!("plugin {plugin}"));
         }
         let mut modified = outcome.modified;
         // Token limits settle against usage: make sure streams report it.
@@ -392,6 +466,9 @@ async fn serve(
                 .unwrap_or_default()
                 .to_owned();
             stream = doc.get("stream").and_then(Value::as_bool).unwrap_or(false);
+            max_tokens = ["max_tokens", "max_completion_tokens"]
+                .iter()
+                .find_map(|k| doc.get(*k).and_then(Value::as_u64));
             bytes = Bytes::from(
                 serde_json::to_vec(&doc).map_err(|e| GatewayError::Internal(e.to_string()))?,
             );
@@ -411,12 +488,30 @@ async fn serve(
         return Err(GatewayError::UnknownModel { model });
     }
 
-    tracing::debug!(tenant = %tenant.cfg.id, key = %caller.key_id, %model, stream, pool = %pool.name, "routing");
+    span.record("gen_ai.request.model", model.as_str());
+    span.record("gen_ai.request.stream", stream);
+    let routed_by = routed_by.unwrap_or_else(|| "the tenant's pool".into());
+    tracing::info_span!(
+        "route",
+        sluice.pool = %pool.name,
+        sluice.route.reason = %routed_by,
+        sluice.pool.replicas = pool.replica_count(),
+    )
+    .in_scope(|| {
+        tracing::debug!(tenant = %tenant.cfg.id, key = %caller.key_id, %model, stream, pool = %pool.name, "routing");
+    });
+    let call = upstream::EngineCall {
+        operation: endpoint.operation(),
+        model: model.clone(),
+        max_tokens,
+        stream,
+    };
     let path = endpoint.path();
     let guards = Guards {
         _inflight: inflight,
         _tenant: tenant_permit,
         _caller: caller,
+        _span: span.clone(),
     };
 
     // Answers that plugins judge or that settle token limits pass through hooks.
@@ -425,7 +520,7 @@ async fn serve(
         if !stream {
             let doc = patched_body.unwrap_or_default();
             let resp =
-                exchange::buffered(&pool, path, &headers, doc, ex, gw.max_response_retries, ids)
+                exchange::buffered(&pool, path, &headers, doc, ex, gw.max_response_retries, ids, &call)
                     .await?;
             drop(guards);
             return Ok(resp);
@@ -434,10 +529,10 @@ async fn serve(
     }
 
     // 8. Upstream, with retries only while nothing has reached the client.
-    let up = pool.send(path, &headers, bytes, stream, ids).await?;
+    let up = pool.send(path, &headers, bytes, &call, ids).await?;
 
     // 9. Relay.
-    Ok(relay_response(up, stream, &pool, ids, guards, hook))
+    Ok(relay_response(up, stream, &pool, ids, guards, hook, span))
 }
 
 /// Held by the relayed body so that limits count a request until its last byte.
@@ -445,6 +540,8 @@ struct Guards {
     _inflight: OwnedSemaphorePermit,
     _tenant: OwnedSemaphorePermit,
     _caller: Caller,
+    /// The server span ends when the last byte is sent.
+    _span: tracing::Span,
 }
 
 fn route(method: &Method, path: &str) -> Result<Endpoint, GatewayError> {
@@ -588,6 +685,7 @@ fn relay_response(
     ids: &RequestIds,
     guards: Guards,
     hook: Option<Box<dyn EventHook>>,
+    server_span: &tracing::Span,
 ) -> Response<ProxyBody> {
     let sse = stream
         || up
@@ -620,6 +718,7 @@ fn relay_response(
         pool: pool.name.clone(),
         trace_id: ids.trace_id.clone(),
         normalize_reasoning,
+        spans: [server_span.clone(), up.span.clone()],
     };
     let mut relay = Relay::new(up.first, up.body, opts, (up.lease, guards));
     if let Some(hook) = hook.filter(|_| sse) {

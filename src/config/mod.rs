@@ -34,6 +34,48 @@ pub struct Config {
     pub registry: Option<RegistryConfig>,
     #[serde(default)]
     pub admin: AdminConfig,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+}
+
+/// Trace export (OTLP). Unset fields fall back to the standard `OTEL_*`
+/// environment variables; with no endpoint anywhere, nothing is exported.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Collector URL, e.g. `http://jaeger:4318` (HTTP; `/v1/traces` is
+    /// added) or `http://jaeger:4317` (gRPC). Default: `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    pub otlp_endpoint: Option<String>,
+    /// `http/protobuf` or `grpc`. Default: `OTEL_EXPORTER_OTLP_PROTOCOL`, else `http/protobuf`.
+    pub otlp_protocol: Option<OtlpProtocol>,
+    /// Default: `OTEL_SERVICE_NAME`, else `sluice`.
+    pub service_name: Option<String>,
+    /// Finished spans waiting for export; beyond it they are dropped (and
+    /// counted), never waited for. Default 4096.
+    pub export_queue: usize,
+    /// Bound on one export request. Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub export_timeout: Duration,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            otlp_endpoint: None,
+            otlp_protocol: None,
+            service_name: None,
+            export_queue: 4096,
+            export_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum OtlpProtocol {
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+    #[serde(rename = "grpc")]
+    Grpc,
 }
 
 /// Where uploaded plugins are kept and how they are checked.
@@ -521,6 +563,12 @@ impl Config {
             if r.redis_prefix.is_empty() {
                 issue("registry.redis_prefix".into(), "must not be empty".into());
             }
+        }
+        if self.telemetry.export_queue == 0 {
+            issue(
+                "telemetry.export_queue".into(),
+                "must be greater than 0".into(),
+            );
         }
         let has_admin_keys = !self.admin.operator_keys.is_empty()
             || self.tenants.iter().any(|t| !t.admin_keys.is_empty());

@@ -138,7 +138,15 @@ impl Entry {
         ctx: &mut CallCtx,
         view: &RequestView,
     ) -> Result<RequestDecision, Fault> {
-        self.call(ctx, |p, s| p.call_on_request(s, view))
+        let span = self.hook_span("on-request");
+        let r = span.in_scope(|| self.call(ctx, |p, s| p.call_on_request(s, view)));
+        match &r {
+            Ok(RequestDecision::Continue) => record_decision(&span, "continue", None),
+            Ok(RequestDecision::Modify(_)) => record_decision(&span, "modify", None),
+            Ok(RequestDecision::Reject(j)) => record_decision(&span, "reject", Some(&j.code)),
+            Err(f) => record_fault(&span, f),
+        }
+        r
     }
 
     pub fn on_response(
@@ -147,7 +155,36 @@ impl Entry {
         request: &RequestView,
         response: &ResponseView,
     ) -> Result<ResponseVerdict, Fault> {
-        self.call(ctx, |p, s| p.call_on_response(s, request, response))
+        let span = self.hook_span("on-response");
+        let r = span.in_scope(|| {
+            self.call(ctx, |p, s| p.call_on_response(s, request, response))
+        });
+        match &r {
+            Ok(ResponseVerdict::Accept) => record_decision(&span, "accept", None),
+            Ok(ResponseVerdict::Reject(j)) => record_decision(&span, "reject", Some(&j.code)),
+            Ok(ResponseVerdict::Retry(_)) => record_decision(&span, "retry", None),
+            Err(f) => record_fault(&span, f),
+        }
+        r
+    }
+
+    /// One span per request-level hook call (chunk hooks, called per event,
+    /// are not traced one by one).
+    fn hook_span(&self, hook: &'static str) -> tracing::Span {
+        tracing::info_span!(
+            "plugin",
+            otel.name = %format_args!("plugin {} {hook}", self.name),
+            sluice.tenant = %self.tenant,
+            sluice.plugin = %self.name,
+            sluice.plugin.sha256 = %self.sha256,
+            sluice.plugin.hook = hook,
+            sluice.plugin.decision = tracing::field::Empty,
+            sluice.plugin.rejection = tracing::field::Empty,
+            sluice.error.layer = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+            otel.status_description = tracing::field::Empty,
+        )
     }
 
     pub fn on_chunk(&self, ctx: &mut CallCtx, chunk: &ChunkView) -> Result<ChunkVerdict, Fault> {
@@ -320,4 +357,20 @@ impl Chain {
     pub fn wants_chunks(&self) -> bool {
         self.entries.iter().any(|e| e.info.wants_chunks)
     }
+}
+
+fn record_decision(span: &tracing::Span, decision: &str, rejection: Option<&str>) {
+    span.record("sluice.plugin.decision", decision);
+    if let Some(code) = rejection {
+        span.record("sluice.plugin.rejection", code);
+    }
+}
+
+/// A failed call is the plugin layer's failure, whatever its policy does next.
+fn record_fault(span: &tracing::Span, fault: &Fault) {
+    span.record("sluice.plugin.decision", "fault");
+    span.record("sluice.error.layer", "plugin");
+    span.record("error.type", fault.code());
+    span.record("otel.status_code", "ERROR");
+    span.record("otel.status_description", fault.to_string().as_str());
 }

@@ -132,6 +132,7 @@ pub async fn buffered(
     mut exchange: Exchange,
     max_retries: u32,
     ids: &RequestIds,
+    call: &upstream::EngineCall,
 ) -> Result<Response<ProxyBody>, GatewayError> {
     let mut used: u32 = 0;
     let mut attempt = 0u32;
@@ -139,7 +140,8 @@ pub async fn buffered(
         let bytes = Bytes::from(
             serde_json::to_vec(&body).map_err(|e| GatewayError::Internal(e.to_string()))?,
         );
-        let up = pool.send(path, headers, bytes, false, ids).await?;
+        let up = pool.send(path, headers, bytes, call, ids).await?;
+        let span = up.span.clone();
         exchange.settlement.engine_called();
         let deadline = up
             .deadline
@@ -162,12 +164,22 @@ pub async fn buffered(
         if let Some(renamed) = upstream::normalize_reasoning(&answer) {
             answer = renamed.to_vec();
         }
-        let parsed: Value =
-            serde_json::from_slice(&answer).map_err(|e| GatewayError::EngineFailed {
-                pool: pool.name.clone(),
-                status: up.parts.status,
-                message: format!("the engine's answer is not JSON: {e}"),
-            })?;
+        let parsed: Value = match serde_json::from_slice(&answer) {
+            Ok(v) => v,
+            Err(e) => {
+                let err = GatewayError::EngineFailed {
+                    pool: pool.name.clone(),
+                    status: up.parts.status,
+                    message: format!("the engine's answer is not JSON: {e}"),
+                };
+                crate::telemetry::record_error(&span, &err);
+                return Err(err);
+            }
+        };
+        let mut facts = crate::telemetry::genai::ResponseFacts::default();
+        facts.observe_json(&parsed);
+        crate::telemetry::genai::record(&span, &facts);
+        drop(span);
         if let Some(u) = view::usage_of(&parsed) {
             used = used.saturating_add(u.input_tokens.saturating_add(u.output_tokens));
             exchange.settlement.used(used);

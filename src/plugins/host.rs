@@ -83,8 +83,10 @@ impl sluice::policy::host::Host for HostState {
         burst: u32,
         units: u32,
     ) -> LimitOutcome {
+        let span = limiter_span("take-requests", &name, per_minute, burst, units);
         let key = self.key(name, scope, per_minute, burst);
         let o = self.limiters.take_requests(key, units);
+        record_limit(&span, &o);
         if !o.allowed {
             tracing::debug!(tenant = %self.tenant, plugin = %self.plugin, retry_after_ms = o.retry_after.as_millis() as u64, "request bucket refused");
         }
@@ -99,8 +101,10 @@ impl sluice::policy::host::Host for HostState {
         burst: u32,
         estimate: u32,
     ) -> LimitOutcome {
+        let span = limiter_span("reserve-tokens", &name, per_minute, burst, estimate);
         let key = self.key(name, scope, per_minute, burst);
         let (o, reservation) = self.limiters.reserve_tokens(key, estimate);
+        record_limit(&span, &o);
         if let Some(r) = reservation {
             self.call.reservations.push(r);
         }
@@ -191,4 +195,25 @@ fn compiled_schema(schema: &str) -> Result<Arc<jsonschema::Validator>, String> {
 /// Epoch ticks (of [`super::EPOCH_TICK`] wall time) until the next CPU check.
 pub(super) fn deadline_ticks(timeout: Duration) -> u64 {
     (timeout.as_micros() / super::EPOCH_TICK.as_micros()).max(1) as u64
+}
+
+/// A limiter decision, as a child of the plugin call that asked for it.
+fn limiter_span(op: &str, bucket: &str, per_minute: u32, burst: u32, units: u32) -> tracing::Span {
+    tracing::info_span!(
+        "limiter",
+        otel.name = %format_args!("limiter {op}"),
+        sluice.limiter.bucket = bucket,
+        sluice.limiter.per_minute = per_minute,
+        sluice.limiter.burst = burst,
+        sluice.limiter.units = units,
+        sluice.limiter.allowed = tracing::field::Empty,
+        sluice.limiter.retry_after_ms = tracing::field::Empty,
+    )
+}
+
+fn record_limit(span: &tracing::Span, o: &super::limiter::Outcome) {
+    span.record("sluice.limiter.allowed", o.allowed);
+    if !o.allowed {
+        span.record("sluice.limiter.retry_after_ms", o.retry_after.as_millis() as u64);
+    }
 }

@@ -1,9 +1,15 @@
-//! Request identity (W3C trace context, request ids) and log setup.
+//! Request identity (W3C trace context, request ids), log setup and trace
+//! export ([`otel`]).
 //!
 //! Every response carries `x-request-id` and `traceparent`; error bodies carry
 //! the trace id, so an SRE can go from a customer's error to the trace.
 
+pub mod genai;
+pub mod otel;
+
 use http::{HeaderMap, HeaderValue, Response};
+use opentelemetry::trace::TraceContextExt as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 /// Identity of one exchange.
 #[derive(Debug, Clone)]
@@ -37,6 +43,53 @@ impl RequestIds {
             request_id,
             sampled,
         }
+    }
+
+    /// The identity of the span this gateway opened for the exchange: with
+    /// trace export on, its OpenTelemetry ids (so the trace id in an error
+    /// body is the one in Jaeger); otherwise ids of our own, continuing an
+    /// incoming `traceparent`.
+    pub fn for_span(span: &tracing::Span, headers: &HeaderMap) -> RequestIds {
+        let mut ids = RequestIds::from_headers(headers);
+        let cx = span.context();
+        let sc = cx.span().span_context().clone();
+        if sc.is_valid() {
+            ids.trace_id = sc.trace_id().to_string();
+            ids.span_id = sc.span_id().to_string();
+            ids.sampled = sc.is_sampled();
+        }
+        ids
+    }
+
+    /// The W3C parent context an incoming `traceparent` names, for the
+    /// gateway's server span.
+    pub fn parent_context(headers: &HeaderMap) -> opentelemetry::Context {
+        use opentelemetry::propagation::TextMapPropagator as _;
+        struct Extract<'a>(&'a HeaderMap);
+        impl opentelemetry::propagation::Extractor for Extract<'_> {
+            fn get(&self, key: &str) -> Option<&str> {
+                self.0.get(key).and_then(|v| v.to_str().ok())
+            }
+            fn keys(&self) -> Vec<&str> {
+                self.0.keys().map(|k| k.as_str()).collect()
+            }
+        }
+        opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(&Extract(headers))
+    }
+
+    /// `traceparent` for a request this gateway sends on behalf of `span`
+    /// (an engine attempt): the engine's spans join the trace under it.
+    pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
+        let cx = span.context();
+        let sc = cx.span().span_context().clone();
+        sc.is_valid().then(|| {
+            format!(
+                "00-{}-{}-{:02x}",
+                sc.trace_id(),
+                sc.span_id(),
+                sc.trace_flags().to_u8()
+            )
+        })
     }
 
     pub fn traceparent(&self) -> String {
@@ -89,18 +142,54 @@ fn random_hex(bytes: usize) -> String {
     out
 }
 
+/// Mark a span failed, with the layer the failure is attributed to.
+pub fn record_error(span: &tracing::Span, err: &crate::errors::GatewayError) {
+    span.record("sluice.error.layer", err.layer().as_str());
+    span.record("error.type", err.code());
+    span.record("otel.status_code", "ERROR");
+    span.record("otel.status_description", err.to_string().as_str());
+}
+
 /// Logs to stderr; `SLUICE_LOG` (or `RUST_LOG`) filters, default `info`.
+/// No trace export (the CLI's short commands).
 pub fn init_logging() {
-    use tracing_subscriber::EnvFilter;
+    let _ = init(None);
+}
+
+/// Logs, and spans exported over OTLP when `otel` is given. Keep the
+/// returned provider: [`flush`] it before the process exits.
+pub fn init(
+    otel: Option<&otel::Settings>,
+) -> anyhow::Result<Option<opentelemetry_sdk::trace::SdkTracerProvider>> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::{EnvFilter, Layer as _};
     let filter = std::env::var("SLUICE_LOG")
         .ok()
         .or_else(|| std::env::var("RUST_LOG").ok())
         .unwrap_or_else(|| "info".into());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::new(filter))
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_filter(EnvFilter::new(filter));
+    let provider = otel.map(otel::provider).transpose()?;
+    // Spans are exported whatever the log filter says: the trace must be
+    // whole even when the log is quiet.
+    let otel_layer = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(otel::tracer(p))
+            .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
+    });
+    let _ = tracing_subscriber::registry()
+        .with(fmt)
+        .with(otel_layer)
         .try_init();
+    Ok(provider)
+}
+
+/// Export what is queued (at shutdown).
+pub fn flush(provider: &opentelemetry_sdk::trace::SdkTracerProvider) {
+    let _ = provider.force_flush();
 }
 
 #[cfg(test)]

@@ -5,6 +5,8 @@
 pub mod relay;
 
 use std::sync::Arc;
+
+use tracing::Instrument as _;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -69,7 +71,19 @@ pub struct Pool {
 
 /// An engine response whose status is a success and whose first body chunk
 /// has arrived: from here on bytes flow to the client, so no more retries.
+/// What the gateway asks the engine for, for the attempt's span.
+#[derive(Debug, Clone)]
+pub struct EngineCall {
+    /// `gen_ai.operation.name`: `chat` or `text_completion`.
+    pub operation: &'static str,
+    pub model: String,
+    pub max_tokens: Option<u64>,
+    pub stream: bool,
+}
+
 pub struct Upstream {
+    /// The attempt's CLIENT span; ends when the answer has been relayed.
+    pub span: tracing::Span,
     pub parts: http::response::Parts,
     pub first: Option<Bytes>,
     pub body: Incoming,
@@ -204,18 +218,26 @@ impl Pool {
         path: &str,
         client_headers: &HeaderMap,
         body: Bytes,
-        stream: bool,
+        call: &EngineCall,
         ids: &RequestIds,
     ) -> Result<Upstream, GatewayError> {
+        let stream = call.stream;
         let max_attempts = (1 + self.cfg.retries as usize)
             .min(self.replicas.len())
             .max(1);
         let mut tried = Vec::with_capacity(max_attempts);
         let mut last_err = None;
-        let headers = self.engine_headers(client_headers, ids);
+        let mut headers = self.engine_headers(client_headers, ids);
         while tried.len() < max_attempts {
             let Some(idx) = self.pick(&tried) else { break };
             tried.push(idx);
+            let span = self.attempt_span(call, idx, tried.len());
+            // The engine's own spans hang under this attempt.
+            if let Some(tp) = RequestIds::traceparent_of(&span)
+                && let Ok(v) = HeaderValue::from_str(&tp)
+            {
+                headers.insert(HeaderName::from_static("traceparent"), v);
+            }
             self.replicas[idx]
                 .outstanding
                 .fetch_add(1, Ordering::Relaxed);
@@ -223,16 +245,28 @@ impl Pool {
                 pool: self.clone(),
                 idx,
             };
+            let started = std::time::Instant::now();
             match self
                 .attempt(idx, path, &headers, body.clone(), stream, lease)
+                .instrument(span.clone())
                 .await
             {
                 Ok(mut up) => {
+                    span.record("http.response.status_code", up.parts.status.as_u16());
+                    span.record(
+                        "gen_ai.response.time_to_first_chunk",
+                        started.elapsed().as_secs_f64(),
+                    );
                     up.attempts = tried.len() as u32;
+                    up.span = span;
                     return Ok(up);
                 }
-                Err(AttemptError::Final(e)) => return Err(e),
+                Err(AttemptError::Final(e)) => {
+                    crate::telemetry::record_error(&span, &e);
+                    return Err(e);
+                }
                 Err(AttemptError::Retryable(e)) => {
+                    crate::telemetry::record_error(&span, &e);
                     tracing::warn!(
                         pool = %self.name,
                         replica = %self.replicas[idx].url,
@@ -259,6 +293,41 @@ impl Pool {
                 reason: "the pool has no replica".into(),
             },
         })
+    }
+
+    /// The CLIENT span of one engine attempt, named and attributed per the
+    /// GenAI semantic conventions.
+    fn attempt_span(&self, call: &EngineCall, idx: usize, attempt: usize) -> tracing::Span {
+        let replica = &self.replicas[idx];
+        tracing::info_span!(
+            "engine",
+            otel.name = %format_args!("{} {}", call.operation, call.model),
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            otel.status_description = tracing::field::Empty,
+            gen_ai.operation.name = call.operation,
+            gen_ai.provider.name = self.dialect.as_str(),
+            gen_ai.request.model = %call.model,
+            gen_ai.request.max_tokens = call.max_tokens,
+            gen_ai.request.stream = call.stream,
+            gen_ai.response.id = tracing::field::Empty,
+            gen_ai.response.finish_reasons = tracing::field::Empty,
+            gen_ai.usage.input_tokens = tracing::field::Empty,
+            gen_ai.usage.output_tokens = tracing::field::Empty,
+            gen_ai.usage.cache_read.input_tokens = tracing::field::Empty,
+            gen_ai.usage.reasoning.output_tokens = tracing::field::Empty,
+            gen_ai.response.time_to_first_chunk = tracing::field::Empty,
+            server.address = %replica.authority,
+            sluice.pool = %self.name,
+            sluice.attempt = attempt,
+            http.response.status_code = tracing::field::Empty,
+            sluice.error.layer = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+        )
+    }
+
+    pub fn replica_count(&self) -> usize {
+        self.replicas.len()
     }
 
     fn engine_headers(&self, client: &HeaderMap, ids: &RequestIds) -> HeaderMap {
@@ -364,6 +433,7 @@ impl Pool {
             }
         };
         Ok(Upstream {
+            span: tracing::Span::none(),
             parts,
             first,
             body,

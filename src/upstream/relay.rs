@@ -18,6 +18,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::body::BoxError;
 use crate::errors::{GatewayError, TimeoutPhase};
+use crate::telemetry::genai::{self, ResponseFacts};
 
 const DONE_MARKER: &[u8] = b"data: [DONE]";
 
@@ -62,6 +63,12 @@ pin_project! {
         normalize: bool,
         // Bytes of an event not yet complete (only with a hook).
         partial: Vec<u8>,
+        // The server span and the engine attempt's span: failures and what
+        // the answer said of itself are recorded on them.
+        spans: [tracing::Span; 2],
+        facts: ResponseFacts,
+        // A plain (JSON) answer, kept up to MAX_FACTS_JSON for its facts.
+        json: Option<Vec<u8>>,
         // Held until the body ends or is dropped: replica lease, tenant and
         // gateway permits.
         guards: G,
@@ -80,7 +87,12 @@ pub struct RelayOptions {
     pub trace_id: String,
     /// Rename `reasoning` to `reasoning_content` (see `normalize_reasoning`).
     pub normalize_reasoning: bool,
+    /// The server span and the engine attempt's span.
+    pub spans: [tracing::Span; 2],
 }
+
+/// A plain answer larger than this is relayed without reading its facts.
+const MAX_FACTS_JSON: usize = 256 << 10;
 
 impl<G> Relay<G> {
     pub fn new(first: Option<Bytes>, inner: Incoming, opts: RelayOptions, guards: G) -> Self {
@@ -99,6 +111,9 @@ impl<G> Relay<G> {
             hook: None,
             normalize: opts.normalize_reasoning,
             partial: Vec::new(),
+            json: (!opts.sse).then(Vec::new),
+            spans: opts.spans,
+            facts: ResponseFacts::default(),
             guards,
         }
     }
@@ -229,6 +244,7 @@ impl<G> Relay<G> {
         }
         if let Some(first) = this.first.take() {
             remember_tail(this.tail, &first);
+            observe(this.facts, this.json, *this.sse, &first);
             if let Some(hook) = this.hook.as_mut() {
                 let (out, end) = run_hook(hook.as_mut(), this.partial, &first);
                 *this.done = end;
@@ -240,6 +256,7 @@ impl<G> Relay<G> {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
                     remember_tail(this.tail, d);
+                    observe(this.facts, this.json, *this.sse, d);
                 }
                 this.timer
                     .as_mut()
@@ -257,10 +274,16 @@ impl<G> Relay<G> {
                     reason: e.to_string(),
                 };
                 *this.done = true;
-                Poll::Ready(Some(fail(err, *this.sse, this.trace_id)))
+                Poll::Ready(Some(fail(err, *this.sse, this.trace_id, this.spans)))
             }
             Poll::Ready(None) => {
                 *this.done = true;
+                if let Some(json) = this.json.take()
+                    && let Ok(doc) = serde_json::from_slice(&json)
+                {
+                    this.facts.observe_json(&doc);
+                }
+                genai::record(&this.spans[1], this.facts);
                 // An event the engine did not close with a blank line: end it
                 // here so the hook (and [DONE] handling) still sees it.
                 if let Some(hook) = this.hook.as_mut()
@@ -277,7 +300,7 @@ impl<G> Relay<G> {
                         pool: this.pool.clone(),
                         reason: "the stream ended without `data: [DONE]`".into(),
                     };
-                    return Poll::Ready(Some(fail(err, true, this.trace_id)));
+                    return Poll::Ready(Some(fail(err, true, this.trace_id, this.spans)));
                 }
                 Poll::Ready(None)
             }
@@ -294,18 +317,38 @@ impl<G> Relay<G> {
                     after: *this.idle,
                 };
                 *this.done = true;
-                Poll::Ready(Some(fail(err, *this.sse, this.trace_id)))
+                Poll::Ready(Some(fail(err, *this.sse, this.trace_id, this.spans)))
             }
         }
     }
 }
 
-fn fail(err: GatewayError, sse: bool, trace_id: &str) -> Result<Frame<Bytes>, BoxError> {
+fn fail(
+    err: GatewayError,
+    sse: bool,
+    trace_id: &str,
+    spans: &[tracing::Span; 2],
+) -> Result<Frame<Bytes>, BoxError> {
     tracing::warn!(layer = err.layer().as_str(), error = %err, trace_id, "stream failed after the first byte");
+    for span in spans {
+        crate::telemetry::record_error(span, &err);
+    }
     if sse {
         Ok(Frame::data(err.sse_event(trace_id)))
     } else {
         Err(Box::new(err))
+    }
+}
+
+fn observe(facts: &mut ResponseFacts, json: &mut Option<Vec<u8>>, sse: bool, data: &[u8]) {
+    if sse {
+        facts.observe_sse(data);
+    } else if let Some(buf) = json {
+        if buf.len() + data.len() <= MAX_FACTS_JSON {
+            buf.extend_from_slice(data);
+        } else {
+            *json = None;
+        }
     }
 }
 

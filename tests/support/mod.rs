@@ -316,3 +316,4 @@ pub async fn error_of(
     );
     (status, v["error"].clone(), headers)
 }
+pub mod otlp;
