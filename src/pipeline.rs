@@ -519,9 +519,17 @@ async fn serve(
     if let Some(ex) = exchange.filter(|ex| ex.inspects(stream)) {
         if !stream {
             let doc = patched_body.unwrap_or_default();
-            let resp =
-                exchange::buffered(&pool, path, &headers, doc, ex, gw.max_response_retries, ids, &call)
-                    .await?;
+            let resp = exchange::buffered(
+                &pool,
+                path,
+                &headers,
+                doc,
+                ex,
+                gw.max_response_retries,
+                ids,
+                &call,
+            )
+            .await?;
             drop(guards);
             return Ok(resp);
         }

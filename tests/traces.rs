@@ -99,7 +99,9 @@ async fn a_streamed_answer_is_one_trace_under_the_callers_span() {
     assert_eq!(status, 200, "{text}");
     assert_eq!(trace_id, trace, "the caller's trace continues");
 
-    let spans = c.wait_for(&trace, |s| s.name == "POST /v1/chat/completions").await;
+    let spans = c
+        .wait_for(&trace, |s| s.name == "POST /v1/chat/completions")
+        .await;
     let srv = server(&spans);
     assert_eq!(srv.parent_span_id, parent_span);
     assert_eq!(srv.service, "sluice-test");
@@ -123,10 +125,20 @@ async fn a_streamed_answer_is_one_trace_under_the_callers_span() {
     assert_eq!(eng.attr("gen_ai.request.max_tokens"), "5");
     assert_eq!(eng.attr("gen_ai.request.stream"), "true");
     assert_eq!(eng.attr("gen_ai.usage.output_tokens"), "5");
-    assert!(eng.attr("gen_ai.usage.input_tokens").parse::<u64>().unwrap() > 0);
+    assert!(
+        eng.attr("gen_ai.usage.input_tokens")
+            .parse::<u64>()
+            .unwrap()
+            > 0
+    );
     assert_eq!(eng.attr("gen_ai.response.finish_reasons"), "length");
     assert!(eng.attr("gen_ai.response.id").starts_with("chatcmpl-"));
-    assert!(eng.attr("gen_ai.response.time_to_first_chunk").parse::<f64>().unwrap() > 0.0);
+    assert!(
+        eng.attr("gen_ai.response.time_to_first_chunk")
+            .parse::<f64>()
+            .unwrap()
+            > 0.0
+    );
     assert_eq!(eng.attr("sluice.attempt"), "1");
 }
 
@@ -144,7 +156,10 @@ async fn the_engine_is_sent_the_attempts_span_as_its_parent() {
     let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]});
     let (status, text, _) = call(&gw, KEY, body, &parent).await;
     assert_eq!(status, 200, "{text}");
-    let sent = engine.last().headers["traceparent"].to_str().unwrap().to_owned();
+    let sent = engine.last().headers["traceparent"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     let spans = c.wait_for(&trace, |s| s.kind == 3).await;
     let eng = spans.iter().find(|s| s.kind == 3).unwrap();
     assert_eq!(sent, format!("00-{trace}-{}-01", eng.span_id));
@@ -190,7 +205,8 @@ async fn a_plugin_rejection_and_a_plugin_trap_name_their_layer() {
     .await;
 
     let (parent, trace, _) = new_parent();
-    let long = json!({"model": MODEL, "messages": [{"role": "user", "content": "word ".repeat(100)}]});
+    let long =
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "word ".repeat(100)}]});
     let (status, text, _) = call(&gw, KEY, long, &parent).await;
     assert_eq!(status, 400, "{text}");
     let spans = c.wait_for(&trace, |s| s.kind == 2).await;
@@ -223,7 +239,11 @@ async fn engine_failures_are_the_providers() {
         "{}{}{}{}",
         pool("bad", &[failing.url()], "retries = 0"),
         tenant("acme", "bad", KEY, ""),
-        pool("slow", &[url(&sim)], "ttft_timeout = \"300ms\"\nretries = 0"),
+        pool(
+            "slow",
+            &[url(&sim)],
+            "ttft_timeout = \"300ms\"\nretries = 0"
+        ),
         tenant("slow", "slow", "sk-test-slow", ""),
     ))
     .await;
@@ -247,7 +267,11 @@ async fn engine_failures_are_the_providers() {
     assert_eq!(status, 504, "{text}");
     let spans = c.wait_for(&trace, |s| s.kind == 2).await;
     assert_failed(server(&spans), "provider", "engine_timeout");
-    assert_failed(spans.iter().find(|s| s.kind == 3).unwrap(), "provider", "engine_timeout");
+    assert_failed(
+        spans.iter().find(|s| s.kind == 3).unwrap(),
+        "provider",
+        "engine_timeout",
+    );
 
     // A stream that breaks after it began: 200 on the wire, an error event,
     // and the failure on both spans.
@@ -260,5 +284,9 @@ async fn engine_failures_are_the_providers() {
     assert!(text.contains("engine_stream_broken"), "{text}");
     let spans = c.wait_for(&trace, |s| s.kind == 2).await;
     assert_failed(server(&spans), "provider", "engine_stream_broken");
-    assert_failed(spans.iter().find(|s| s.kind == 3).unwrap(), "provider", "engine_stream_broken");
+    assert_failed(
+        spans.iter().find(|s| s.kind == 3).unwrap(),
+        "provider",
+        "engine_stream_broken",
+    );
 }

@@ -156,9 +156,7 @@ impl Entry {
         response: &ResponseView,
     ) -> Result<ResponseVerdict, Fault> {
         let span = self.hook_span("on-response");
-        let r = span.in_scope(|| {
-            self.call(ctx, |p, s| p.call_on_response(s, request, response))
-        });
+        let r = span.in_scope(|| self.call(ctx, |p, s| p.call_on_response(s, request, response)));
         match &r {
             Ok(ResponseVerdict::Accept) => record_decision(&span, "accept", None),
             Ok(ResponseVerdict::Reject(j)) => record_decision(&span, "reject", Some(&j.code)),

@@ -214,6 +214,9 @@ fn limiter_span(op: &str, bucket: &str, per_minute: u32, burst: u32, units: u32)
 fn record_limit(span: &tracing::Span, o: &super::limiter::Outcome) {
     span.record("sluice.limiter.allowed", o.allowed);
     if !o.allowed {
-        span.record("sluice.limiter.retry_after_ms", o.retry_after.as_millis() as u64);
+        span.record(
+            "sluice.limiter.retry_after_ms",
+            o.retry_after.as_millis() as u64,
+        );
     }
 }

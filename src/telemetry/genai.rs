@@ -83,7 +83,8 @@ impl ResponseFacts {
         // are worth a parse.
         let wanted = self.id.is_none()
             || contains(data, b"\"usage\":{")
-            || (contains(data, b"\"finish_reason\":\"") && !contains(data, b"\"finish_reason\":null"));
+            || (contains(data, b"\"finish_reason\":\"")
+                && !contains(data, b"\"finish_reason\":null"));
         if !wanted || !data.starts_with(b"{") {
             return;
         }

@@ -55,7 +55,11 @@ impl Settings {
         if env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
             return None;
         }
-        let protocol = match (&cfg.otlp_protocol, env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL").or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL"))) {
+        let protocol = match (
+            &cfg.otlp_protocol,
+            env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+                .or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL")),
+        ) {
             (Some(p), _) => *p,
             (None, Some(p)) if p == "grpc" => OtlpProtocol::Grpc,
             _ => OtlpProtocol::HttpProtobuf,

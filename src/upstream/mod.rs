@@ -6,9 +6,9 @@ pub mod relay;
 
 use std::sync::Arc;
 
-use tracing::Instrument as _;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+use tracing::Instrument as _;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};

@@ -69,7 +69,12 @@ impl Collector {
                         attrs: s
                             .attributes
                             .iter()
-                            .map(|kv| (kv.key.clone(), any(kv.value.as_ref().and_then(|v| v.value.as_ref()))))
+                            .map(|kv| {
+                                (
+                                    kv.key.clone(),
+                                    any(kv.value.as_ref().and_then(|v| v.value.as_ref())),
+                                )
+                            })
                             .collect(),
                         status: s.status.map_or(0, |st| st.code),
                     });
@@ -158,28 +163,35 @@ pub fn start() -> (Collector, SocketAddr, SocketAddr) {
                 let (tcp, _) = http.accept().await.unwrap();
                 let c = c.clone();
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                        let c = c.clone();
-                        async move {
-                            let body = req.into_body().collect().await?.to_bytes();
-                            let status = match ExportTraceServiceRequest::decode(body) {
-                                Ok(r) => {
-                                    c.take(r);
-                                    200
-                                }
-                                Err(_) => 400,
-                            };
-                            let mut resp = hyper::Response::new(http_body_util::Full::new(
-                                bytes::Bytes::from(ExportTraceServiceResponse { partial_success: None }.encode_to_vec()),
-                            ));
-                            *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
-                            resp.headers_mut().insert(
-                                "content-type",
-                                http::HeaderValue::from_static("application/x-protobuf"),
-                            );
-                            Ok::<_, hyper::Error>(resp)
-                        }
-                    });
+                    let svc = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            let c = c.clone();
+                            async move {
+                                let body = req.into_body().collect().await?.to_bytes();
+                                let status = match ExportTraceServiceRequest::decode(body) {
+                                    Ok(r) => {
+                                        c.take(r);
+                                        200
+                                    }
+                                    Err(_) => 400,
+                                };
+                                let mut resp = hyper::Response::new(http_body_util::Full::new(
+                                    bytes::Bytes::from(
+                                        ExportTraceServiceResponse {
+                                            partial_success: None,
+                                        }
+                                        .encode_to_vec(),
+                                    ),
+                                ));
+                                *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                                resp.headers_mut().insert(
+                                    "content-type",
+                                    http::HeaderValue::from_static("application/x-protobuf"),
+                                );
+                                Ok::<_, hyper::Error>(resp)
+                            }
+                        },
+                    );
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
                         .await;
