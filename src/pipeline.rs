@@ -41,6 +41,7 @@ use crate::plugins::phases::{self, Settlement};
 use crate::plugins::view::ViewInput;
 use crate::plugins::{PluginEngine, Settings, chain};
 use crate::telemetry::RequestIds;
+use crate::telemetry::metrics::{Metrics, Recorder};
 use crate::upstream::relay::{EventHook, Relay, RelayOptions};
 use crate::upstream::{self, Pool};
 
@@ -55,6 +56,7 @@ pub struct Gateway {
     inflight: Arc<Semaphore>,
     draining: AtomicBool,
     max_response_retries: u32,
+    metrics: Arc<Metrics>,
 }
 
 struct Tenant {
@@ -131,20 +133,22 @@ struct RequestHead<'a> {
 
 impl Gateway {
     pub fn new(cfg: Config) -> anyhow::Result<Gateway> {
+        let metrics = Arc::new(Metrics::new(&cfg));
         let mut pools = HashMap::new();
         for p in &cfg.pools {
-            pools.insert(p.name.clone(), Arc::new(Pool::new(p)?));
+            pools.insert(p.name.clone(), Arc::new(Pool::new(p, &metrics)?));
         }
         let needs_plugins =
             cfg.registry.is_some() || cfg.tenants.iter().any(|t| !t.plugins.is_empty());
         let engine = if needs_plugins {
             let h = &cfg.plugin_host;
-            Some(PluginEngine::new(Settings {
+            let settings = Settings {
                 timeout: h.timeout,
                 max_memory: h.max_memory,
                 max_instances: h.max_instances,
                 reuse_instances: h.reuse_instances,
-            })?)
+            };
+            Some(PluginEngine::with_metrics(settings, metrics.clone())?)
         } else {
             None
         };
@@ -172,7 +176,23 @@ impl Gateway {
             pools,
             draining: AtomicBool::new(false),
             max_response_retries: cfg.plugin_host.max_response_retries,
+            metrics,
         })
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// `/metrics`: the gauges read at scrape time, then every family as text.
+    pub fn metrics_text(&self) -> String {
+        let free = self.inflight.available_permits();
+        self.metrics
+            .set_inflight(self.limits.max_inflight_requests.saturating_sub(free));
+        for pool in self.pools.values() {
+            pool.export_replicas();
+        }
+        self.metrics.encode()
     }
 
     pub fn set_draining(&self) {
@@ -255,9 +275,14 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyB
     let path = req.uri().path().to_owned();
     let (parts, body) = req.into_parts();
     let mut body = Some(body);
-    let resp = match serve(&gw, parts, &mut body, &ids).await {
-        Ok(resp) => resp,
+    let mut rec = gw.metrics.recorder(started);
+    let resp = match serve(&gw, parts, &mut body, &ids, &mut rec).await {
+        Ok(resp) => {
+            rec.answered(resp.status());
+            resp
+        }
         Err(err) => {
+            rec.failed(&err);
             if let Some(unread) = body {
                 drain_small_body(unread).await;
             }
@@ -295,6 +320,7 @@ async fn serve(
     parts: http::request::Parts,
     body: &mut Option<Incoming>,
     ids: &RequestIds,
+    rec: &mut Recorder,
 ) -> Result<Response<ProxyBody>, GatewayError> {
     // 1. Shed load before doing any work for it.
     let inflight = gw
@@ -309,6 +335,7 @@ async fn serve(
     // 3. Authenticate before reading a body nobody may have asked for.
     let caller = gw.keys.authenticate(&parts.headers)?;
     let tenant = &gw.tenants[caller.tenant];
+    rec.tenant(&tenant.cfg.id);
     let tenant_chain = tenant.chain.load_full();
     if endpoint == Endpoint::Models {
         return Ok(models_response(tenant));
@@ -340,6 +367,7 @@ async fn serve(
     }
     let mut stream = head.stream.unwrap_or(false);
     let mut model = head.model.into_owned();
+    rec.model(&model);
     let mut pool = tenant.pool.clone();
     let mut headers = parts.headers;
     let mut bytes = bytes;
@@ -366,7 +394,9 @@ async fn serve(
         let outcome = outcome?;
         headers = fwd_headers;
         if let Some((name, plugin)) = &outcome.pool {
-            pool = tenant.pool_for(name, plugin, &gw.pools)?;
+            pool = tenant
+                .pool_for(name, plugin, &gw.pools)
+                .inspect_err(|e| gw.metrics.plugin_error(&tenant.cfg.id, e))?;
         }
         let mut modified = outcome.modified;
         // Token limits settle against usage: make sure streams report it.
@@ -407,6 +437,7 @@ async fn serve(
     }
 
     // 7. The model must be one the chosen pool serves.
+    rec.model(&model);
     if !pool.serves(&model) {
         return Err(GatewayError::UnknownModel { model });
     }
@@ -424,20 +455,28 @@ async fn serve(
     if let Some(ex) = exchange.filter(|ex| ex.inspects(stream)) {
         if !stream {
             let doc = patched_body.unwrap_or_default();
+            let retries = gw.max_response_retries;
             let resp =
-                exchange::buffered(&pool, path, &headers, doc, ex, gw.max_response_retries, ids)
-                    .await?;
+                exchange::buffered(&pool, path, &headers, doc, ex, retries, ids, rec).await?;
             drop(guards);
             return Ok(resp);
         }
-        hook = Some(Box::new(StreamHook::new(ex, ids.trace_id.clone())) as Box<dyn EventHook>);
+        hook = Some(Box::new(StreamHook::new(ex)) as Box<dyn EventHook>);
     }
 
     // 8. Upstream, with retries only while nothing has reached the client.
     let up = pool.send(path, &headers, bytes, stream, ids).await?;
 
     // 9. Relay.
-    Ok(relay_response(up, stream, &pool, ids, guards, hook))
+    Ok(relay_response(
+        up,
+        stream,
+        &pool,
+        ids,
+        guards,
+        hook,
+        rec.take(),
+    ))
 }
 
 /// Held by the relayed body so that limits count a request until its last byte.
@@ -588,6 +627,7 @@ fn relay_response(
     ids: &RequestIds,
     guards: Guards,
     hook: Option<Box<dyn EventHook>>,
+    mut rec: Recorder,
 ) -> Response<ProxyBody> {
     let sse = stream
         || up
@@ -597,6 +637,7 @@ fn relay_response(
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
     let deadline = up.deadline;
+    rec.relaying(up.parts.status, sse);
     let mut parts = up.parts;
     for name in upstream::HOP_BY_HOP {
         parts.headers.remove(*name);
@@ -620,6 +661,7 @@ fn relay_response(
         pool: pool.name.clone(),
         trace_id: ids.trace_id.clone(),
         normalize_reasoning,
+        metrics: rec,
     };
     let mut relay = Relay::new(up.first, up.body, opts, (up.lease, guards));
     if let Some(hook) = hook.filter(|_| sse) {

@@ -138,7 +138,9 @@ impl Entry {
         ctx: &mut CallCtx,
         view: &RequestView,
     ) -> Result<RequestDecision, Fault> {
-        self.call(ctx, |p, s| p.call_on_request(s, view))
+        self.timed("on-request", || {
+            self.call(ctx, |p, s| p.call_on_request(s, view))
+        })
     }
 
     pub fn on_response(
@@ -147,11 +149,38 @@ impl Entry {
         request: &RequestView,
         response: &ResponseView,
     ) -> Result<ResponseVerdict, Fault> {
-        self.call(ctx, |p, s| p.call_on_response(s, request, response))
+        self.timed("on-response", || {
+            self.call(ctx, |p, s| p.call_on_response(s, request, response))
+        })
     }
 
     pub fn on_chunk(&self, ctx: &mut CallCtx, chunk: &ChunkView) -> Result<ChunkVerdict, Fault> {
-        self.call(ctx, |p, s| p.call_on_response_chunk(s, chunk))
+        self.timed("on-response-chunk", || {
+            self.call(ctx, |p, s| p.call_on_response_chunk(s, chunk))
+        })
+    }
+
+    /// `sluice_plugin_call_seconds` for one hook call.
+    fn timed<R>(&self, hook: &'static str, call: impl FnOnce() -> R) -> R {
+        let started = Instant::now();
+        let r = call();
+        let metrics = &self.engine.metrics;
+        metrics.plugin_call(&self.tenant, &self.name, hook, started.elapsed());
+        r
+    }
+
+    /// `sluice_plugin_faults_total`: a failed call or an invalid decision.
+    pub fn count_fault(&self, fault: &Fault) {
+        self.engine
+            .metrics
+            .plugin_fault(&self.tenant, &self.name, fault);
+    }
+
+    /// `sluice_plugin_rejections_total`: the plugin rejected with `code`.
+    pub fn count_rejection(&self, code: &str) {
+        self.engine
+            .metrics
+            .plugin_rejection(&self.tenant, &self.name, code);
     }
 
     fn now_ms(&self) -> u64 {
@@ -172,6 +201,7 @@ impl Entry {
             plugin: self.name.clone(),
             config: self.config.clone(),
             limiters: self.engine.limiters.clone(),
+            metrics: self.engine.metrics.clone(),
             call: CallCtx::default(),
         };
         let mut store = Store::new(&self.engine.engine, state);

@@ -48,6 +48,7 @@ pub struct HostState {
     pub(super) plugin: Arc<str>,
     pub(super) config: Arc<str>,
     pub(super) limiters: Arc<Limiters>,
+    pub(super) metrics: Arc<crate::telemetry::metrics::Metrics>,
     pub(super) call: CallCtx,
 }
 
@@ -87,6 +88,8 @@ impl sluice::policy::host::Host for HostState {
         let o = self.limiters.take_requests(key, units);
         if !o.allowed {
             tracing::debug!(tenant = %self.tenant, plugin = %self.plugin, retry_after_ms = o.retry_after.as_millis() as u64, "request bucket refused");
+            self.metrics
+                .limiter_rejection(&self.tenant, &self.plugin, "requests");
         }
         outcome(o)
     }
@@ -101,6 +104,10 @@ impl sluice::policy::host::Host for HostState {
     ) -> LimitOutcome {
         let key = self.key(name, scope, per_minute, burst);
         let (o, reservation) = self.limiters.reserve_tokens(key, estimate);
+        if !o.allowed {
+            self.metrics
+                .limiter_rejection(&self.tenant, &self.plugin, "tokens");
+        }
         if let Some(r) = reservation {
             self.call.reservations.push(r);
         }

@@ -3,6 +3,8 @@
 //! Every response carries `x-request-id` and `traceparent`; error bodies carry
 //! the trace id, so an SRE can go from a customer's error to the trace.
 
+pub mod metrics;
+
 use http::{HeaderMap, HeaderValue, Response};
 
 /// Identity of one exchange.

@@ -20,6 +20,7 @@ use hyper_util::rt::TokioExecutor;
 use crate::config::{Dialect, PoolConfig};
 use crate::errors::{GatewayError, TimeoutPhase};
 use crate::telemetry::RequestIds;
+use crate::telemetry::metrics::{AttemptOutcome, Metrics, PoolMetrics};
 
 /// How much of an engine's error body is read to explain the failure.
 const MAX_ENGINE_ERROR_BYTES: usize = 64 << 10;
@@ -65,6 +66,7 @@ pub struct Pool {
     api_key: Option<HeaderValue>,
     cfg: PoolConfig,
     epoch: Instant,
+    metrics: PoolMetrics,
 }
 
 /// An engine response whose status is a success and whose first body chunk
@@ -103,7 +105,7 @@ enum AttemptError {
 }
 
 impl Pool {
-    pub fn new(cfg: &PoolConfig) -> anyhow::Result<Pool> {
+    pub fn new(cfg: &PoolConfig, metrics: &Arc<Metrics>) -> anyhow::Result<Pool> {
         let mut replicas = Vec::new();
         for e in &cfg.endpoints {
             let (authority, prefix) = parse_endpoint(e).map_err(|m| anyhow::anyhow!(m))?;
@@ -139,7 +141,18 @@ impl Pool {
             api_key,
             cfg: cfg.clone(),
             epoch: Instant::now(),
+            metrics: metrics.pool(&cfg.name, &cfg.endpoints),
         })
+    }
+
+    /// Set the replica gauges (health, outstanding) for a scrape.
+    pub fn export_replicas(&self) {
+        let now = self.now_ms();
+        for (i, r) in self.replicas.iter().enumerate() {
+            let healthy = r.ejected_until_ms.load(Ordering::Relaxed) <= now;
+            let outstanding = r.outstanding.load(Ordering::Relaxed);
+            self.metrics.replica_state(i, healthy, outstanding);
+        }
     }
 
     pub fn serves(&self, model: &str) -> bool {
@@ -215,6 +228,9 @@ impl Pool {
         let headers = self.engine_headers(client_headers, ids);
         while tried.len() < max_attempts {
             let Some(idx) = self.pick(&tried) else { break };
+            if !tried.is_empty() {
+                self.metrics.retry();
+            }
             tried.push(idx);
             self.replicas[idx]
                 .outstanding
@@ -321,15 +337,21 @@ impl Pool {
             })
         };
 
+        let count = |outcome| self.metrics.attempt(idx, outcome);
         let resp = match tokio::time::timeout_at(deadline, self.client.request(req)).await {
-            Err(_) => return Err(timeout()),
+            Err(_) => {
+                count(AttemptOutcome::Timeout);
+                return Err(timeout());
+            }
             Ok(Err(e)) => {
                 // Replica addresses and socket errors go to the log, not to customers.
                 tracing::warn!(pool = %self.name, replica = %replica.url, error = %error_chain(&e), "engine request failed");
                 let reason = if e.is_connect() {
+                    count(AttemptOutcome::ConnectError);
                     self.eject(idx);
                     "could not connect"
                 } else {
+                    count(AttemptOutcome::Reset);
                     "the connection closed before an answer"
                 };
                 return Err(AttemptError::Retryable(GatewayError::EngineUnreachable {
@@ -343,13 +365,18 @@ impl Pool {
 
         let (parts, mut body) = resp.into_parts();
         if !parts.status.is_success() {
+            count(AttemptOutcome::of_status(parts.status));
             return Err(self.engine_error(parts.status, body, deadline).await);
         }
         let first = loop {
             match tokio::time::timeout_at(deadline, body.frame()).await {
-                Err(_) => return Err(timeout()),
+                Err(_) => {
+                    count(AttemptOutcome::Timeout);
+                    return Err(timeout());
+                }
                 Ok(None) => break None,
                 Ok(Some(Err(e))) => {
+                    count(AttemptOutcome::Reset);
                     tracing::warn!(pool = %self.name, replica = %replica.url, error = %e, "engine body failed before the first chunk");
                     return Err(AttemptError::Retryable(GatewayError::EngineStreamBroken {
                         pool: self.name.clone(),
@@ -363,6 +390,7 @@ impl Pool {
                 },
             }
         };
+        count(AttemptOutcome::Ok);
         Ok(Upstream {
             parts,
             first,

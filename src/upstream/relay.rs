@@ -18,6 +18,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::body::BoxError;
 use crate::errors::{GatewayError, TimeoutPhase};
+use crate::telemetry::metrics::Recorder;
 
 const DONE_MARKER: &[u8] = b"data: [DONE]";
 
@@ -27,8 +28,8 @@ const DONE_MARKER: &[u8] = b"data: [DONE]";
 pub trait EventHook: Send {
     /// One event's `data:` payload (not `[DONE]`).
     fn on_event(&mut self, data: &[u8]) -> EventAction;
-    /// The engine sent `[DONE]`. `Some(event)` replaces it (an error event).
-    fn on_done(&mut self) -> Option<Bytes>;
+    /// The engine sent `[DONE]`. `Some(error)` replaces it (as an error event).
+    fn on_done(&mut self) -> Option<GatewayError>;
 }
 
 pub enum EventAction {
@@ -36,8 +37,8 @@ pub enum EventAction {
     Pass,
     /// Leave it out (e.g. a usage chunk the client did not ask for).
     Drop,
-    /// End the stream with this event instead.
-    Fail(Bytes),
+    /// End the stream with this error's event instead.
+    Fail(GatewayError),
 }
 
 /// Most bytes one SSE event may have before the relay gives up parsing it.
@@ -62,6 +63,8 @@ pin_project! {
         normalize: bool,
         // Bytes of an event not yet complete (only with a hook).
         partial: Vec<u8>,
+        // Records the request when the body ends or is dropped.
+        metrics: Recorder,
         // Held until the body ends or is dropped: replica lease, tenant and
         // gateway permits.
         guards: G,
@@ -80,6 +83,8 @@ pub struct RelayOptions {
     pub trace_id: String,
     /// Rename `reasoning` to `reasoning_content` (see `normalize_reasoning`).
     pub normalize_reasoning: bool,
+    /// The request's metrics, recorded when the relay ends.
+    pub metrics: Recorder,
 }
 
 impl<G> Relay<G> {
@@ -99,6 +104,7 @@ impl<G> Relay<G> {
             hook: None,
             normalize: opts.normalize_reasoning,
             partial: Vec::new(),
+            metrics: opts.metrics,
             guards,
         }
     }
@@ -111,8 +117,13 @@ impl<G> Relay<G> {
 }
 
 /// Split complete events off `partial`, run the hook on each, and return the
-/// bytes to relay, plus whether the stream must end after them.
-fn run_hook(hook: &mut dyn EventHook, partial: &mut Vec<u8>, data: &[u8]) -> (Bytes, bool) {
+/// bytes to relay, plus the error the stream must end with after them.
+fn run_hook(
+    hook: &mut dyn EventHook,
+    partial: &mut Vec<u8>,
+    data: &[u8],
+    trace_id: &str,
+) -> (Bytes, Option<GatewayError>) {
     partial.extend_from_slice(data);
     let mut out = Vec::with_capacity(partial.len());
     let mut start = 0;
@@ -122,20 +133,20 @@ fn run_hook(hook: &mut dyn EventHook, partial: &mut Vec<u8>, data: &[u8]) -> (By
         let payload = event_data(event);
         match payload {
             Some(p) if p.trim_ascii() == b"[DONE]" => match hook.on_done() {
-                Some(replacement) => {
-                    out.extend_from_slice(&replacement);
+                Some(err) => {
+                    out.extend_from_slice(&err.sse_event(trace_id));
                     partial.clear();
-                    return (Bytes::from(out), true);
+                    return (Bytes::from(out), Some(err));
                 }
                 None => out.extend_from_slice(event),
             },
             Some(p) => match hook.on_event(p) {
                 EventAction::Pass => out.extend_from_slice(event),
                 EventAction::Drop => {}
-                EventAction::Fail(replacement) => {
-                    out.extend_from_slice(&replacement);
+                EventAction::Fail(err) => {
+                    out.extend_from_slice(&err.sse_event(trace_id));
                     partial.clear();
-                    return (Bytes::from(out), true);
+                    return (Bytes::from(out), Some(err));
                 }
             },
             None => out.extend_from_slice(event),
@@ -146,7 +157,7 @@ fn run_hook(hook: &mut dyn EventHook, partial: &mut Vec<u8>, data: &[u8]) -> (By
         // Not SSE as we know it: stop inspecting, relay as is.
         out.append(partial);
     }
-    (Bytes::from(out), false)
+    (Bytes::from(out), None)
 }
 
 /// Length of the first complete event (through its blank line), if any.
@@ -228,10 +239,15 @@ impl<G> Relay<G> {
             return Poll::Ready(None);
         }
         if let Some(first) = this.first.take() {
+            this.metrics.first_chunk();
+            this.metrics.bytes(&first);
             remember_tail(this.tail, &first);
             if let Some(hook) = this.hook.as_mut() {
-                let (out, end) = run_hook(hook.as_mut(), this.partial, &first);
-                *this.done = end;
+                let (out, failed) = run_hook(hook.as_mut(), this.partial, &first, this.trace_id);
+                if let Some(err) = failed {
+                    *this.done = true;
+                    this.metrics.failed(&err);
+                }
                 return Poll::Ready(Some(Ok(Frame::data(out))));
             }
             return Poll::Ready(Some(Ok(Frame::data(first))));
@@ -239,14 +255,18 @@ impl<G> Relay<G> {
         match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
+                    this.metrics.bytes(d);
                     remember_tail(this.tail, d);
                 }
                 this.timer
                     .as_mut()
                     .reset(next_wake(*this.idle, *this.deadline));
                 if let (Some(hook), Some(d)) = (this.hook.as_mut(), frame.data_ref()) {
-                    let (out, end) = run_hook(hook.as_mut(), this.partial, d);
-                    *this.done = end;
+                    let (out, failed) = run_hook(hook.as_mut(), this.partial, d, this.trace_id);
+                    if let Some(err) = failed {
+                        *this.done = true;
+                        this.metrics.failed(&err);
+                    }
                     return Poll::Ready(Some(Ok(Frame::data(out))));
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -257,7 +277,7 @@ impl<G> Relay<G> {
                     reason: e.to_string(),
                 };
                 *this.done = true;
-                Poll::Ready(Some(fail(err, *this.sse, this.trace_id)))
+                Poll::Ready(Some(fail(err, *this.sse, this.trace_id, this.metrics)))
             }
             Poll::Ready(None) => {
                 *this.done = true;
@@ -266,9 +286,14 @@ impl<G> Relay<G> {
                 if let Some(hook) = this.hook.as_mut()
                     && !this.partial.is_empty()
                 {
-                    let (out, _) = run_hook(hook.as_mut(), this.partial, b"\n\n");
+                    let (out, failed) =
+                        run_hook(hook.as_mut(), this.partial, b"\n\n", this.trace_id);
                     this.partial.clear();
                     if !out.is_empty() {
+                        match failed {
+                            Some(err) => this.metrics.failed(&err),
+                            None => this.metrics.completed(),
+                        }
                         return Poll::Ready(Some(Ok(Frame::data(out))));
                     }
                 }
@@ -277,8 +302,9 @@ impl<G> Relay<G> {
                         pool: this.pool.clone(),
                         reason: "the stream ended without `data: [DONE]`".into(),
                     };
-                    return Poll::Ready(Some(fail(err, true, this.trace_id)));
+                    return Poll::Ready(Some(fail(err, true, this.trace_id, this.metrics)));
                 }
+                this.metrics.completed();
                 Poll::Ready(None)
             }
             Poll::Pending => {
@@ -294,13 +320,19 @@ impl<G> Relay<G> {
                     after: *this.idle,
                 };
                 *this.done = true;
-                Poll::Ready(Some(fail(err, *this.sse, this.trace_id)))
+                Poll::Ready(Some(fail(err, *this.sse, this.trace_id, this.metrics)))
             }
         }
     }
 }
 
-fn fail(err: GatewayError, sse: bool, trace_id: &str) -> Result<Frame<Bytes>, BoxError> {
+fn fail(
+    err: GatewayError,
+    sse: bool,
+    trace_id: &str,
+    metrics: &mut Recorder,
+) -> Result<Frame<Bytes>, BoxError> {
+    metrics.failed(&err);
     tracing::warn!(layer = err.layer().as_str(), error = %err, trace_id, "stream failed after the first byte");
     if sse {
         Ok(Frame::data(err.sse_event(trace_id)))
