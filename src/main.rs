@@ -282,7 +282,7 @@ async fn run_demo(args: demo::DemoArgs) -> anyhow::Result<()> {
             tls.cert_path.display()
         );
         println!("  http:    http://{http}");
-        println!("  ops:     http://{ops}/healthz  http://{ops}/readyz");
+        println!("  ops:     http://{ops}/healthz  http://{ops}/readyz  http://{ops}/metrics");
         println!(
             "  admin:   http://{ops}/admin/v1   tenant admin key: {}   operator key: {operator_key}",
             demo::DEMO_ADMIN_KEY

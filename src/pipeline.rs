@@ -44,6 +44,7 @@ use crate::plugins::phases::{self, Settlement};
 use crate::plugins::view::ViewInput;
 use crate::plugins::{PluginEngine, Settings, chain};
 use crate::telemetry::RequestIds;
+use crate::telemetry::metrics::{Metrics, Recorder};
 use crate::upstream::relay::{EventHook, Relay, RelayOptions};
 use crate::upstream::{self, Pool};
 
@@ -58,6 +59,7 @@ pub struct Gateway {
     inflight: Arc<Semaphore>,
     draining: AtomicBool,
     max_response_retries: u32,
+    metrics: Arc<Metrics>,
 }
 
 struct Tenant {
@@ -151,20 +153,22 @@ fn lenient_u64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D:
 
 impl Gateway {
     pub fn new(cfg: Config) -> anyhow::Result<Gateway> {
+        let metrics = Arc::new(Metrics::new(&cfg));
         let mut pools = HashMap::new();
         for p in &cfg.pools {
-            pools.insert(p.name.clone(), Arc::new(Pool::new(p)?));
+            pools.insert(p.name.clone(), Arc::new(Pool::new(p, &metrics)?));
         }
         let needs_plugins =
             cfg.registry.is_some() || cfg.tenants.iter().any(|t| !t.plugins.is_empty());
         let engine = if needs_plugins {
             let h = &cfg.plugin_host;
-            Some(PluginEngine::new(Settings {
+            let settings = Settings {
                 timeout: h.timeout,
                 max_memory: h.max_memory,
                 max_instances: h.max_instances,
                 reuse_instances: h.reuse_instances,
-            })?)
+            };
+            Some(PluginEngine::with_metrics(settings, metrics.clone())?)
         } else {
             None
         };
@@ -192,7 +196,23 @@ impl Gateway {
             pools,
             draining: AtomicBool::new(false),
             max_response_retries: cfg.plugin_host.max_response_retries,
+            metrics,
         })
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// `/metrics`: the gauges read at scrape time, then every family as text.
+    pub fn metrics_text(&self) -> String {
+        let free = self.inflight.available_permits();
+        self.metrics
+            .set_inflight(self.limits.max_inflight_requests.saturating_sub(free));
+        for pool in self.pools.values() {
+            pool.export_replicas();
+        }
+        self.metrics.encode()
     }
 
     pub fn set_draining(&self) {
@@ -296,18 +316,21 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyB
     span.record("sluice.request_id", ids.request_id.as_str());
     let (parts, body) = req.into_parts();
     let mut body = Some(body);
-    let result = serve(&gw, parts, &mut body, &ids, &span)
+    let mut rec = gw.metrics.recorder(started);
+    let result = serve(&gw, parts, &mut body, &ids, &span, &mut rec)
         .instrument(span.clone())
         .await;
     let _in_span = span.enter();
     let resp = match result {
         Ok(resp) => {
             span.record("http.response.status_code", resp.status().as_u16());
+            rec.answered(resp.status());
             resp
         }
         Err(err) => {
             span.record("http.response.status_code", err.status().as_u16());
             crate::telemetry::record_error(&span, &err);
+            rec.failed(&err);
             if let Some(unread) = body {
                 drain_small_body(unread).await;
             }
@@ -346,6 +369,7 @@ async fn serve(
     body: &mut Option<Incoming>,
     ids: &RequestIds,
     span: &tracing::Span,
+    rec: &mut Recorder,
 ) -> Result<Response<ProxyBody>, GatewayError> {
     // 1. Shed load before doing any work for it.
     let inflight = gw
@@ -380,6 +404,7 @@ async fn serve(
         s.record("sluice.api_key_id", caller.key_id.as_str());
     }
     drop(auth);
+    rec.tenant(&tenant.cfg.id);
     let tenant_chain = tenant.chain.load_full();
     if endpoint == Endpoint::Models {
         return Ok(models_response(tenant));
@@ -412,6 +437,7 @@ async fn serve(
     let mut stream = head.stream.unwrap_or(false);
     let mut model = head.model.into_owned();
     let mut max_tokens = head.max_tokens.or(head.max_completion_tokens);
+    rec.model(&model);
     let mut pool = tenant.pool.clone();
     let mut headers = parts.headers;
     let mut bytes = bytes;
@@ -439,7 +465,9 @@ async fn serve(
         let outcome = outcome?;
         headers = fwd_headers;
         if let Some((name, plugin)) = &outcome.pool {
-            pool = tenant.pool_for(name, plugin, &gw.pools)?;
+            pool = tenant
+                .pool_for(name, plugin, &gw.pools)
+                .inspect_err(|e| gw.metrics.plugin_error(&tenant.cfg.id, e))?;
             routed_by = Some(format!("plugin {plugin}"));
         }
         let mut modified = outcome.modified;
@@ -484,6 +512,7 @@ async fn serve(
     }
 
     // 7. The model must be one the chosen pool serves.
+    rec.model(&model);
     if !pool.serves(&model) {
         return Err(GatewayError::UnknownModel { model });
     }
@@ -519,28 +548,30 @@ async fn serve(
     if let Some(ex) = exchange.filter(|ex| ex.inspects(stream)) {
         if !stream {
             let doc = patched_body.unwrap_or_default();
-            let resp = exchange::buffered(
-                &pool,
-                path,
-                &headers,
-                doc,
-                ex,
-                gw.max_response_retries,
-                ids,
-                &call,
-            )
-            .await?;
+            let retries = gw.max_response_retries;
+            let resp =
+                exchange::buffered(&pool, path, &headers, doc, ex, retries, ids, &call, rec)
+                    .await?;
             drop(guards);
             return Ok(resp);
         }
-        hook = Some(Box::new(StreamHook::new(ex, ids.trace_id.clone())) as Box<dyn EventHook>);
+        hook = Some(Box::new(StreamHook::new(ex)) as Box<dyn EventHook>);
     }
 
     // 8. Upstream, with retries only while nothing has reached the client.
     let up = pool.send(path, &headers, bytes, &call, ids).await?;
 
     // 9. Relay.
-    Ok(relay_response(up, stream, &pool, ids, guards, hook, span))
+    Ok(relay_response(
+        up,
+        stream,
+        &pool,
+        ids,
+        guards,
+        hook,
+        span,
+        rec.take(),
+    ))
 }
 
 /// Held by the relayed body so that limits count a request until its last byte.
@@ -694,6 +725,7 @@ fn relay_response(
     guards: Guards,
     hook: Option<Box<dyn EventHook>>,
     server_span: &tracing::Span,
+    mut rec: Recorder,
 ) -> Response<ProxyBody> {
     let sse = stream
         || up
@@ -703,6 +735,7 @@ fn relay_response(
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
     let deadline = up.deadline;
+    rec.relaying(up.parts.status, sse);
     let mut parts = up.parts;
     for name in upstream::HOP_BY_HOP {
         parts.headers.remove(*name);
@@ -727,6 +760,7 @@ fn relay_response(
         trace_id: ids.trace_id.clone(),
         normalize_reasoning,
         spans: [server_span.clone(), up.span.clone()],
+        metrics: rec,
     };
     let mut relay = Relay::new(up.first, up.body, opts, (up.lease, guards));
     if let Some(hook) = hook.filter(|_| sse) {

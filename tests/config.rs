@@ -113,6 +113,54 @@ fn unknown_fields_and_bad_values_are_parse_errors_with_location() {
 }
 
 #[test]
+fn prices_are_checked() {
+    use sluice::config::Config;
+    let base = "[server]\nhttp = \"127.0.0.1:8080\"\n[[pools]]\nname = \"p\"\nendpoints = [\"http://a:1\"]\nmodels = [\"m\", \"n\"]\n";
+    let price = |model: &str, hit: &str| {
+        format!(
+            "[[prices]]\nmodel = {model:?}\ninput_cache_hit_per_million = {hit}\ninput_cache_miss_per_million = 0.28\noutput_per_million = 0.42\n"
+        )
+    };
+    let issues = |text: &str| -> Vec<String> {
+        Config::parse(text, std::path::Path::new("."))
+            .unwrap()
+            .validate()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    };
+    assert!(issues(base).is_empty());
+    assert!(issues(&(base.to_owned() + &price("m", "0.028") + &price("n", "0"))).is_empty());
+    let text = base.to_owned()
+        + &price("m", "0.028")
+        + &price("m", "0.028")
+        + &price("gpt-x", "0.1")
+        + &price("n", "-1")
+        + &price("n", "nan");
+    let found = issues(&text);
+    for expected in [
+        "prices[1].model: model \"m\" is priced twice",
+        "prices[2].model: no pool serves a model \"gpt-x\"",
+        "prices[3].input_cache_hit_per_million: must be a non-negative number of USD, is -1",
+        "prices[4].input_cache_hit_per_million: must be a non-negative number of USD, is NaN",
+        "prices[4].model: model \"n\" is priced twice",
+    ] {
+        assert!(
+            found.iter().any(|i| i == expected),
+            "missing {expected:?} in {found:?}"
+        );
+    }
+    assert_eq!(found.len(), 5, "{found:?}");
+    // Strict: a misspelt field is a parse error, every price field is required.
+    let typo = base.to_owned() + &price("m", "0.028").replace("output_per", "outptu_per");
+    let err = Config::parse(&typo, std::path::Path::new(".")).unwrap_err();
+    assert!(err.contains("outptu_per_million"), "{err}");
+    let missing = base.to_owned() + "[[prices]]\nmodel = \"m\"\n";
+    let err = Config::parse(&missing, std::path::Path::new(".")).unwrap_err();
+    assert!(err.contains("input_cache_hit_per_million"), "{err}");
+}
+
+#[test]
 fn dedicated_pools_serve_one_tenant() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("shared.toml");

@@ -20,7 +20,7 @@ pub struct DemoArgs {
     /// HTTPS listener (self-signed certificate).
     #[arg(long, env = "SLUICE_HTTPS", default_value = "127.0.0.1:8443")]
     pub https: SocketAddr,
-    /// Ops listener (/healthz, /readyz, admin API).
+    /// Ops listener (/healthz, /readyz, /metrics, admin API).
     #[arg(long, env = "SLUICE_OPS", default_value = "127.0.0.1:9090")]
     pub ops: SocketAddr,
     /// Where the generated certificate and the plugin registry are kept.

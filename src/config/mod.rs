@@ -36,6 +36,10 @@ pub struct Config {
     pub admin: AdminConfig,
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// USD per million tokens, per model, for `sluice_cost_usd_total`.
+    /// Default: none (no cost is counted).
+    #[serde(default)]
+    pub prices: Vec<PriceConfig>,
 }
 
 /// Trace export (OTLP). Unset fields fall back to the standard `OTEL_*`
@@ -76,6 +80,20 @@ pub enum OtlpProtocol {
     HttpProtobuf,
     #[serde(rename = "grpc")]
     Grpc,
+}
+
+/// One model's prices, USD per million tokens. Cost of an answer =
+/// cached input x `input_cache_hit_per_million` + the rest of the input x
+/// `input_cache_miss_per_million` + output (reasoning included) x
+/// `output_per_million`, over 1M.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceConfig {
+    /// A model some pool serves.
+    pub model: String,
+    pub input_cache_hit_per_million: f64,
+    pub input_cache_miss_per_million: f64,
+    pub output_per_million: f64,
 }
 
 /// Where uploaded plugins are kept and how they are checked.
@@ -657,6 +675,42 @@ impl Config {
             ] {
                 if d.is_zero() {
                     issue(format!("{at}.{field}"), "must be greater than 0".into());
+                }
+            }
+        }
+
+        let served: HashSet<&str> = self
+            .pools
+            .iter()
+            .flat_map(|p| p.models.iter().map(String::as_str))
+            .collect();
+        let mut priced = HashSet::new();
+        for (i, p) in self.prices.iter().enumerate() {
+            let at = format!("prices[{i}]");
+            if !served.contains(p.model.as_str()) {
+                issue(
+                    format!("{at}.model"),
+                    format!("no pool serves a model {:?}", p.model),
+                );
+            } else if !priced.insert(p.model.as_str()) {
+                issue(
+                    format!("{at}.model"),
+                    format!("model {:?} is priced twice", p.model),
+                );
+            }
+            for (field, v) in [
+                ("input_cache_hit_per_million", p.input_cache_hit_per_million),
+                (
+                    "input_cache_miss_per_million",
+                    p.input_cache_miss_per_million,
+                ),
+                ("output_per_million", p.output_per_million),
+            ] {
+                if !(v.is_finite() && v >= 0.0) {
+                    issue(
+                        format!("{at}.{field}"),
+                        format!("must be a non-negative number of USD, is {v}"),
+                    );
                 }
             }
         }

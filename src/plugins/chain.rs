@@ -139,7 +139,11 @@ impl Entry {
         view: &RequestView,
     ) -> Result<RequestDecision, Fault> {
         let span = self.hook_span("on-request");
-        let r = span.in_scope(|| self.call(ctx, |p, s| p.call_on_request(s, view)));
+        let r = span.in_scope(|| {
+            self.timed("on-request", || {
+                self.call(ctx, |p, s| p.call_on_request(s, view))
+            })
+        });
         match &r {
             Ok(RequestDecision::Continue) => record_decision(&span, "continue", None),
             Ok(RequestDecision::Modify(_)) => record_decision(&span, "modify", None),
@@ -156,7 +160,11 @@ impl Entry {
         response: &ResponseView,
     ) -> Result<ResponseVerdict, Fault> {
         let span = self.hook_span("on-response");
-        let r = span.in_scope(|| self.call(ctx, |p, s| p.call_on_response(s, request, response)));
+        let r = span.in_scope(|| {
+            self.timed("on-response", || {
+                self.call(ctx, |p, s| p.call_on_response(s, request, response))
+            })
+        });
         match &r {
             Ok(ResponseVerdict::Accept) => record_decision(&span, "accept", None),
             Ok(ResponseVerdict::Reject(j)) => record_decision(&span, "reject", Some(&j.code)),
@@ -186,7 +194,32 @@ impl Entry {
     }
 
     pub fn on_chunk(&self, ctx: &mut CallCtx, chunk: &ChunkView) -> Result<ChunkVerdict, Fault> {
-        self.call(ctx, |p, s| p.call_on_response_chunk(s, chunk))
+        self.timed("on-response-chunk", || {
+            self.call(ctx, |p, s| p.call_on_response_chunk(s, chunk))
+        })
+    }
+
+    /// `sluice_plugin_call_seconds` for one hook call.
+    fn timed<R>(&self, hook: &'static str, call: impl FnOnce() -> R) -> R {
+        let started = Instant::now();
+        let r = call();
+        let metrics = &self.engine.metrics;
+        metrics.plugin_call(&self.tenant, &self.name, hook, started.elapsed());
+        r
+    }
+
+    /// `sluice_plugin_faults_total`: a failed call or an invalid decision.
+    pub fn count_fault(&self, fault: &Fault) {
+        self.engine
+            .metrics
+            .plugin_fault(&self.tenant, &self.name, fault);
+    }
+
+    /// `sluice_plugin_rejections_total`: the plugin rejected with `code`.
+    pub fn count_rejection(&self, code: &str) {
+        self.engine
+            .metrics
+            .plugin_rejection(&self.tenant, &self.name, code);
     }
 
     fn now_ms(&self) -> u64 {
@@ -207,6 +240,7 @@ impl Entry {
             plugin: self.name.clone(),
             config: self.config.clone(),
             limiters: self.engine.limiters.clone(),
+            metrics: self.engine.metrics.clone(),
             call: CallCtx::default(),
         };
         let mut store = Store::new(&self.engine.engine, state);

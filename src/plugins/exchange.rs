@@ -17,6 +17,7 @@ use super::view::{self, StreamAccumulator};
 use crate::body::{self, ProxyBody};
 use crate::errors::GatewayError;
 use crate::telemetry::RequestIds;
+use crate::telemetry::metrics::Recorder;
 use crate::upstream::relay::{EventAction, EventHook};
 use crate::upstream::{self, Pool};
 
@@ -47,15 +48,13 @@ impl Exchange {
 pub struct StreamHook {
     exchange: Exchange,
     acc: StreamAccumulator,
-    trace_id: String,
 }
 
 impl StreamHook {
-    pub fn new(exchange: Exchange, trace_id: String) -> StreamHook {
+    pub fn new(exchange: Exchange) -> StreamHook {
         StreamHook {
             exchange,
             acc: StreamAccumulator::default(),
-            trace_id,
         }
     }
 }
@@ -95,13 +94,13 @@ impl EventHook for StreamHook {
             let verdict = phases::on_chunk(&self.exchange.chain, &mut self.exchange.ctx, &view);
             self.exchange.settlement.collect(&mut self.exchange.ctx);
             if let Err(e) = verdict {
-                return EventAction::Fail(e.sse_event(&self.trace_id));
+                return EventAction::Fail(e);
             }
         }
         EventAction::Pass
     }
 
-    fn on_done(&mut self) -> Option<Bytes> {
+    fn on_done(&mut self) -> Option<GatewayError> {
         if !self.exchange.chain.wants_response() {
             return None;
         }
@@ -113,10 +112,7 @@ impl EventHook for StreamHook {
             &response,
         );
         self.exchange.settlement.collect(&mut self.exchange.ctx);
-        match verdict {
-            Ok(_) => None,
-            Err(e) => Some(e.sse_event(&self.trace_id)),
-        }
+        verdict.err()
     }
 }
 
@@ -133,6 +129,7 @@ pub async fn buffered(
     max_retries: u32,
     ids: &RequestIds,
     call: &upstream::EngineCall,
+    rec: &mut Recorder,
 ) -> Result<Response<ProxyBody>, GatewayError> {
     let mut used: u32 = 0;
     let mut attempt = 0u32;
@@ -181,6 +178,7 @@ pub async fn buffered(
         crate::telemetry::genai::record(&span, &facts);
         drop(span);
         if let Some(u) = view::usage_of(&parsed) {
+            rec.usage(u);
             used = used.saturating_add(u.input_tokens.saturating_add(u.output_tokens));
             exchange.settlement.used(used);
         }

@@ -48,6 +48,7 @@ pub struct HostState {
     pub(super) plugin: Arc<str>,
     pub(super) config: Arc<str>,
     pub(super) limiters: Arc<Limiters>,
+    pub(super) metrics: Arc<crate::telemetry::metrics::Metrics>,
     pub(super) call: CallCtx,
 }
 
@@ -89,6 +90,8 @@ impl sluice::policy::host::Host for HostState {
         record_limit(&span, &o);
         if !o.allowed {
             tracing::debug!(tenant = %self.tenant, plugin = %self.plugin, retry_after_ms = o.retry_after.as_millis() as u64, "request bucket refused");
+            self.metrics
+                .limiter_rejection(&self.tenant, &self.plugin, "requests");
         }
         outcome(o)
     }
@@ -105,6 +108,10 @@ impl sluice::policy::host::Host for HostState {
         let key = self.key(name, scope, per_minute, burst);
         let (o, reservation) = self.limiters.reserve_tokens(key, estimate);
         record_limit(&span, &o);
+        if !o.allowed {
+            self.metrics
+                .limiter_rejection(&self.tenant, &self.plugin, "tokens");
+        }
         if let Some(r) = reservation {
             self.call.reservations.push(r);
         }

@@ -31,6 +31,8 @@ use bindings::{Policy, PolicyPre};
 use host::HostState;
 use limiter::Limiters;
 
+use crate::telemetry::metrics::Metrics;
+
 /// Epoch ticks drive call deadlines; a tick every millisecond bounds a
 /// runaway call to its timeout plus about a millisecond.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
@@ -98,10 +100,21 @@ pub struct PluginEngine {
     cache: Mutex<HashMap<String, Arc<Compiled>>>,
     pub settings: Settings,
     pub limiters: Arc<Limiters>,
+    /// Plugin call times, faults, rejections and limiter refusals.
+    pub metrics: Arc<Metrics>,
 }
 
 impl PluginEngine {
+    /// An engine whose metrics nobody scrapes (validation, benchmarks).
     pub fn new(settings: Settings) -> anyhow::Result<Arc<PluginEngine>> {
+        Self::with_metrics(settings, Arc::new(Metrics::detached()))
+    }
+
+    /// An engine that records into the gateway's metrics.
+    pub fn with_metrics(
+        settings: Settings,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Arc<PluginEngine>> {
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(settings.max_instances)
             .total_core_instances(settings.max_instances.saturating_mul(4))
@@ -141,6 +154,7 @@ impl PluginEngine {
             cache: Mutex::new(HashMap::new()),
             settings,
             limiters: Arc::new(Limiters::default()),
+            metrics,
         }))
     }
 

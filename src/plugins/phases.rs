@@ -21,9 +21,11 @@ fn rejected(entry: &Entry, r: Rejection) -> GatewayError {
         .ok()
         .filter(|s| s.is_client_error() || s.is_server_error());
     let Some(status) = status else {
+        let fault = Fault::BadDecision(format!("rejection status {} is not 4xx/5xx", r.status));
+        entry.count_fault(&fault);
         return GatewayError::PluginFailed {
             plugin: entry.name.to_string(),
-            fault: Fault::BadDecision(format!("rejection status {} is not 4xx/5xx", r.status)),
+            fault,
         };
     };
     let mut message = r.message;
@@ -34,14 +36,16 @@ fn rejected(entry: &Entry, r: Rejection) -> GatewayError {
         .filter(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
         .take(64)
         .collect();
+    let code = if code.is_empty() {
+        "rejected_by_policy".into()
+    } else {
+        code
+    };
+    entry.count_rejection(&code);
     GatewayError::PluginRejected {
         plugin: entry.name.to_string(),
         status,
-        code: if code.is_empty() {
-            "rejected_by_policy".into()
-        } else {
-            code
-        },
+        code,
         message,
         retry_after: r.retry_after_secs,
     }
@@ -49,6 +53,7 @@ fn rejected(entry: &Entry, r: Rejection) -> GatewayError {
 
 /// A failed call: fail-closed refuses, fail-open goes on.
 fn failed(entry: &Entry, fault: Fault) -> Result<(), GatewayError> {
+    entry.count_fault(&fault);
     if let Fault::NoCapacity(reason) = &fault {
         tracing::error!(plugin = %entry.name, %reason, "no plugin instance available");
         return match entry.failure {

@@ -273,6 +273,7 @@ impl Conn {
                 if over_cap {
                     let ids = crate::telemetry::RequestIds::from_headers(req.headers());
                     let err = GatewayError::TooManyConnections { retry_after: 1 };
+                    gateway.metrics().refused(&err);
                     answered.notify_one();
                     return Ok::<_, Infallible>(ids.decorate(err.into_response(&ids.trace_id)));
                 }

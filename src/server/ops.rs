@@ -1,5 +1,6 @@
-//! The ops listener: liveness and readiness for orchestrators, and the admin
-//! API when a registry is configured. HTTPS when `server.ops_tls` is set.
+//! The ops listener: liveness and readiness for orchestrators, Prometheus
+//! metrics, and the admin API when a registry is configured. HTTPS when
+//! `server.ops_tls` is set.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -69,6 +70,14 @@ async fn handle(ops: &Ops, req: Request<Incoming>) -> Response<ProxyBody> {
         && let Some(admin) = &ops.admin
     {
         return crate::admin::handle(admin, req).await;
+    }
+    if req.method() == Method::GET && req.uri().path() == "/metrics" {
+        let mut resp = Response::new(body::full(ops.gateway.metrics_text()));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            http::HeaderValue::from_static(crate::telemetry::metrics::CONTENT_TYPE),
+        );
+        return resp;
     }
     let (status, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => (StatusCode::OK, json!({"status": "ok"})),

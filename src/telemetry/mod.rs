@@ -6,6 +6,7 @@
 
 pub mod genai;
 pub mod otel;
+pub mod metrics;
 
 use http::{HeaderMap, HeaderValue, Response};
 use opentelemetry::trace::TraceContextExt as _;

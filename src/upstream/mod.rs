@@ -22,6 +22,7 @@ use hyper_util::rt::TokioExecutor;
 use crate::config::{Dialect, PoolConfig};
 use crate::errors::{GatewayError, TimeoutPhase};
 use crate::telemetry::RequestIds;
+use crate::telemetry::metrics::{AttemptOutcome, Metrics, PoolMetrics};
 
 /// How much of an engine's error body is read to explain the failure.
 const MAX_ENGINE_ERROR_BYTES: usize = 64 << 10;
@@ -67,6 +68,7 @@ pub struct Pool {
     api_key: Option<HeaderValue>,
     cfg: PoolConfig,
     epoch: Instant,
+    metrics: PoolMetrics,
 }
 
 /// An engine response whose status is a success and whose first body chunk
@@ -117,7 +119,7 @@ enum AttemptError {
 }
 
 impl Pool {
-    pub fn new(cfg: &PoolConfig) -> anyhow::Result<Pool> {
+    pub fn new(cfg: &PoolConfig, metrics: &Arc<Metrics>) -> anyhow::Result<Pool> {
         let mut replicas = Vec::new();
         for e in &cfg.endpoints {
             let (authority, prefix) = parse_endpoint(e).map_err(|m| anyhow::anyhow!(m))?;
@@ -153,7 +155,18 @@ impl Pool {
             api_key,
             cfg: cfg.clone(),
             epoch: Instant::now(),
+            metrics: metrics.pool(&cfg.name, &cfg.endpoints),
         })
+    }
+
+    /// Set the replica gauges (health, outstanding) for a scrape.
+    pub fn export_replicas(&self) {
+        let now = self.now_ms();
+        for (i, r) in self.replicas.iter().enumerate() {
+            let healthy = r.ejected_until_ms.load(Ordering::Relaxed) <= now;
+            let outstanding = r.outstanding.load(Ordering::Relaxed);
+            self.metrics.replica_state(i, healthy, outstanding);
+        }
     }
 
     pub fn serves(&self, model: &str) -> bool {
@@ -230,6 +243,9 @@ impl Pool {
         let mut headers = self.engine_headers(client_headers, ids);
         while tried.len() < max_attempts {
             let Some(idx) = self.pick(&tried) else { break };
+            if !tried.is_empty() {
+                self.metrics.retry();
+            }
             tried.push(idx);
             let span = self.attempt_span(call, idx, tried.len());
             // The engine's own spans hang under this attempt.
@@ -390,15 +406,21 @@ impl Pool {
             })
         };
 
+        let count = |outcome| self.metrics.attempt(idx, outcome);
         let resp = match tokio::time::timeout_at(deadline, self.client.request(req)).await {
-            Err(_) => return Err(timeout()),
+            Err(_) => {
+                count(AttemptOutcome::Timeout);
+                return Err(timeout());
+            }
             Ok(Err(e)) => {
                 // Replica addresses and socket errors go to the log, not to customers.
                 tracing::warn!(pool = %self.name, replica = %replica.url, error = %error_chain(&e), "engine request failed");
                 let reason = if e.is_connect() {
+                    count(AttemptOutcome::ConnectError);
                     self.eject(idx);
                     "could not connect"
                 } else {
+                    count(AttemptOutcome::Reset);
                     "the connection closed before an answer"
                 };
                 return Err(AttemptError::Retryable(GatewayError::EngineUnreachable {
@@ -412,13 +434,18 @@ impl Pool {
 
         let (parts, mut body) = resp.into_parts();
         if !parts.status.is_success() {
+            count(AttemptOutcome::of_status(parts.status));
             return Err(self.engine_error(parts.status, body, deadline).await);
         }
         let first = loop {
             match tokio::time::timeout_at(deadline, body.frame()).await {
-                Err(_) => return Err(timeout()),
+                Err(_) => {
+                    count(AttemptOutcome::Timeout);
+                    return Err(timeout());
+                }
                 Ok(None) => break None,
                 Ok(Some(Err(e))) => {
+                    count(AttemptOutcome::Reset);
                     tracing::warn!(pool = %self.name, replica = %replica.url, error = %e, "engine body failed before the first chunk");
                     return Err(AttemptError::Retryable(GatewayError::EngineStreamBroken {
                         pool: self.name.clone(),
@@ -432,6 +459,7 @@ impl Pool {
                 },
             }
         };
+        count(AttemptOutcome::Ok);
         Ok(Upstream {
             span: tracing::Span::none(),
             parts,

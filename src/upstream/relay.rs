@@ -19,6 +19,7 @@ use tokio::time::{Instant, Sleep};
 use crate::body::BoxError;
 use crate::errors::{GatewayError, TimeoutPhase};
 use crate::telemetry::genai::{self, ResponseFacts};
+use crate::telemetry::metrics::Recorder;
 
 const DONE_MARKER: &[u8] = b"data: [DONE]";
 
@@ -28,8 +29,8 @@ const DONE_MARKER: &[u8] = b"data: [DONE]";
 pub trait EventHook: Send {
     /// One event's `data:` payload (not `[DONE]`).
     fn on_event(&mut self, data: &[u8]) -> EventAction;
-    /// The engine sent `[DONE]`. `Some(event)` replaces it (an error event).
-    fn on_done(&mut self) -> Option<Bytes>;
+    /// The engine sent `[DONE]`. `Some(error)` replaces it (as an error event).
+    fn on_done(&mut self) -> Option<GatewayError>;
 }
 
 pub enum EventAction {
@@ -37,8 +38,8 @@ pub enum EventAction {
     Pass,
     /// Leave it out (e.g. a usage chunk the client did not ask for).
     Drop,
-    /// End the stream with this event instead.
-    Fail(Bytes),
+    /// End the stream with this error's event instead.
+    Fail(GatewayError),
 }
 
 /// Most bytes one SSE event may have before the relay gives up parsing it.
@@ -69,6 +70,8 @@ pin_project! {
         facts: ResponseFacts,
         // A plain (JSON) answer, kept up to MAX_FACTS_JSON for its facts.
         json: Option<Vec<u8>>,
+        // Records the request when the body ends or is dropped.
+        metrics: Recorder,
         // Held until the body ends or is dropped: replica lease, tenant and
         // gateway permits.
         guards: G,
@@ -89,6 +92,8 @@ pub struct RelayOptions {
     pub normalize_reasoning: bool,
     /// The server span and the engine attempt's span.
     pub spans: [tracing::Span; 2],
+    /// The request's metrics, recorded when the relay ends.
+    pub metrics: Recorder,
 }
 
 /// A plain answer larger than this is relayed without reading its facts.
@@ -114,6 +119,7 @@ impl<G> Relay<G> {
             json: (!opts.sse).then(Vec::new),
             spans: opts.spans,
             facts: ResponseFacts::default(),
+            metrics: opts.metrics,
             guards,
         }
     }
@@ -126,8 +132,13 @@ impl<G> Relay<G> {
 }
 
 /// Split complete events off `partial`, run the hook on each, and return the
-/// bytes to relay, plus whether the stream must end after them.
-fn run_hook(hook: &mut dyn EventHook, partial: &mut Vec<u8>, data: &[u8]) -> (Bytes, bool) {
+/// bytes to relay, plus the error the stream must end with after them.
+fn run_hook(
+    hook: &mut dyn EventHook,
+    partial: &mut Vec<u8>,
+    data: &[u8],
+    trace_id: &str,
+) -> (Bytes, Option<GatewayError>) {
     partial.extend_from_slice(data);
     let mut out = Vec::with_capacity(partial.len());
     let mut start = 0;
@@ -137,20 +148,20 @@ fn run_hook(hook: &mut dyn EventHook, partial: &mut Vec<u8>, data: &[u8]) -> (By
         let payload = event_data(event);
         match payload {
             Some(p) if p.trim_ascii() == b"[DONE]" => match hook.on_done() {
-                Some(replacement) => {
-                    out.extend_from_slice(&replacement);
+                Some(err) => {
+                    out.extend_from_slice(&err.sse_event(trace_id));
                     partial.clear();
-                    return (Bytes::from(out), true);
+                    return (Bytes::from(out), Some(err));
                 }
                 None => out.extend_from_slice(event),
             },
             Some(p) => match hook.on_event(p) {
                 EventAction::Pass => out.extend_from_slice(event),
                 EventAction::Drop => {}
-                EventAction::Fail(replacement) => {
-                    out.extend_from_slice(&replacement);
+                EventAction::Fail(err) => {
+                    out.extend_from_slice(&err.sse_event(trace_id));
                     partial.clear();
-                    return (Bytes::from(out), true);
+                    return (Bytes::from(out), Some(err));
                 }
             },
             None => out.extend_from_slice(event),
@@ -161,7 +172,7 @@ fn run_hook(hook: &mut dyn EventHook, partial: &mut Vec<u8>, data: &[u8]) -> (By
         // Not SSE as we know it: stop inspecting, relay as is.
         out.append(partial);
     }
-    (Bytes::from(out), false)
+    (Bytes::from(out), None)
 }
 
 /// Length of the first complete event (through its blank line), if any.
@@ -243,11 +254,16 @@ impl<G> Relay<G> {
             return Poll::Ready(None);
         }
         if let Some(first) = this.first.take() {
+            this.metrics.first_chunk();
+            this.metrics.bytes(&first);
             remember_tail(this.tail, &first);
             observe(this.facts, this.json, *this.sse, &first);
             if let Some(hook) = this.hook.as_mut() {
-                let (out, end) = run_hook(hook.as_mut(), this.partial, &first);
-                *this.done = end;
+                let (out, failed) = run_hook(hook.as_mut(), this.partial, &first, this.trace_id);
+                if let Some(err) = failed {
+                    *this.done = true;
+                    this.metrics.failed(&err);
+                }
                 return Poll::Ready(Some(Ok(Frame::data(out))));
             }
             return Poll::Ready(Some(Ok(Frame::data(first))));
@@ -255,6 +271,7 @@ impl<G> Relay<G> {
         match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
+                    this.metrics.bytes(d);
                     remember_tail(this.tail, d);
                     observe(this.facts, this.json, *this.sse, d);
                 }
@@ -262,8 +279,11 @@ impl<G> Relay<G> {
                     .as_mut()
                     .reset(next_wake(*this.idle, *this.deadline));
                 if let (Some(hook), Some(d)) = (this.hook.as_mut(), frame.data_ref()) {
-                    let (out, end) = run_hook(hook.as_mut(), this.partial, d);
-                    *this.done = end;
+                    let (out, failed) = run_hook(hook.as_mut(), this.partial, d, this.trace_id);
+                    if let Some(err) = failed {
+                        *this.done = true;
+                        this.metrics.failed(&err);
+                    }
                     return Poll::Ready(Some(Ok(Frame::data(out))));
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -274,7 +294,7 @@ impl<G> Relay<G> {
                     reason: e.to_string(),
                 };
                 *this.done = true;
-                Poll::Ready(Some(fail(err, *this.sse, this.trace_id, this.spans)))
+                Poll::Ready(Some(fail(err, *this.sse, this.trace_id, this.spans, this.metrics)))
             }
             Poll::Ready(None) => {
                 *this.done = true;
@@ -289,9 +309,14 @@ impl<G> Relay<G> {
                 if let Some(hook) = this.hook.as_mut()
                     && !this.partial.is_empty()
                 {
-                    let (out, _) = run_hook(hook.as_mut(), this.partial, b"\n\n");
+                    let (out, failed) =
+                        run_hook(hook.as_mut(), this.partial, b"\n\n", this.trace_id);
                     this.partial.clear();
                     if !out.is_empty() {
+                        match failed {
+                            Some(err) => this.metrics.failed(&err),
+                            None => this.metrics.completed(),
+                        }
                         return Poll::Ready(Some(Ok(Frame::data(out))));
                     }
                 }
@@ -300,8 +325,9 @@ impl<G> Relay<G> {
                         pool: this.pool.clone(),
                         reason: "the stream ended without `data: [DONE]`".into(),
                     };
-                    return Poll::Ready(Some(fail(err, true, this.trace_id, this.spans)));
+                    return Poll::Ready(Some(fail(err, true, this.trace_id, this.spans, this.metrics)));
                 }
+                this.metrics.completed();
                 Poll::Ready(None)
             }
             Poll::Pending => {
@@ -317,7 +343,7 @@ impl<G> Relay<G> {
                     after: *this.idle,
                 };
                 *this.done = true;
-                Poll::Ready(Some(fail(err, *this.sse, this.trace_id, this.spans)))
+                Poll::Ready(Some(fail(err, *this.sse, this.trace_id, this.spans, this.metrics)))
             }
         }
     }
@@ -328,7 +354,9 @@ fn fail(
     sse: bool,
     trace_id: &str,
     spans: &[tracing::Span; 2],
+    metrics: &mut Recorder,
 ) -> Result<Frame<Bytes>, BoxError> {
+    metrics.failed(&err);
     tracing::warn!(layer = err.layer().as_str(), error = %err, trace_id, "stream failed after the first byte");
     for span in spans {
         crate::telemetry::record_error(span, &err);
