@@ -123,7 +123,7 @@ fn main() -> ExitCode {
     // Serving commands export traces (config file, else OTEL_* variables).
     let otel = match &command {
         Command::Serve { config } => Config::load(config).ok().map(|c| c.telemetry),
-        Command::Demo(_) => Some(config::TelemetryConfig::default()),
+        Command::Demo(_) | Command::SimEngine { .. } => Some(config::TelemetryConfig::default()),
         _ => None,
     }
     .and_then(|t| telemetry::otel::Settings::resolve(&t));
@@ -135,8 +135,26 @@ fn main() -> ExitCode {
             None
         }
     };
+    // The simulated engine exports its own spans, as a service of its own.
+    let sim_provider = match (&command, &otel) {
+        (Command::Demo(_) | Command::SimEngine { .. }, Some(s)) => {
+            let mut s = s.clone();
+            s.service_name = "vllm-sim".into();
+            match telemetry::otel::provider(&s) {
+                Ok(p) => {
+                    sim::trace::install(telemetry::otel::tracer(&p));
+                    Some(p)
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot export the simulated engine's spans");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
     let code = dispatch(command);
-    if let Some(p) = &provider {
+    for p in provider.iter().chain(sim_provider.iter()) {
         telemetry::flush(p);
     }
     code

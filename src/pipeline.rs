@@ -212,6 +212,7 @@ impl Gateway {
         for pool in self.pools.values() {
             pool.export_replicas();
         }
+        self.metrics.sync_trace_export();
         self.metrics.encode()
     }
 
@@ -549,9 +550,8 @@ async fn serve(
         if !stream {
             let doc = patched_body.unwrap_or_default();
             let retries = gw.max_response_retries;
-            let resp =
-                exchange::buffered(&pool, path, &headers, doc, ex, retries, ids, &call, rec)
-                    .await?;
+            let resp = exchange::buffered(&pool, path, &headers, doc, ex, retries, ids, &call, rec)
+                .await?;
             drop(guards);
             return Ok(resp);
         }

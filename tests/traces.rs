@@ -26,8 +26,15 @@ fn collector() -> &'static Collector {
             timeout: std::time::Duration::from_secs(5),
         };
         let provider = sluice::telemetry::init(Some(&settings)).unwrap();
-        // Kept for the life of the process.
-        std::mem::forget(provider);
+        // The simulated engine exports as a service of its own, like vLLM.
+        let engine_settings = sluice::telemetry::otel::Settings {
+            service_name: "vllm-sim".into(),
+            ..settings
+        };
+        let engine_provider = sluice::telemetry::otel::provider(&engine_settings).unwrap();
+        sluice::sim::trace::install(sluice::telemetry::otel::tracer(&engine_provider));
+        // Both kept for the life of the process.
+        std::mem::forget((provider, engine_provider));
         collector
     })
 }
@@ -140,6 +147,19 @@ async fn a_streamed_answer_is_one_trace_under_the_callers_span() {
             > 0.0
     );
     assert_eq!(eng.attr("sluice.attempt"), "1");
+
+    // The engine's own spans are in the same trace, under the attempt.
+    let spans = c.wait_for(&trace, |s| s.name == "llm_request").await;
+    let llm = one(&spans, "llm_request");
+    assert_eq!(llm.service, "vllm-sim");
+    assert_eq!(llm.kind, 2);
+    assert_eq!(llm.parent_span_id, eng.span_id);
+    assert_eq!(llm.attr("gen_ai.usage.output_tokens"), "5");
+    for phase in ["queue", "prefill", "decode"] {
+        let p = one(&spans, phase);
+        assert_eq!(p.parent_span_id, llm.span_id, "{phase}");
+        assert_eq!(p.service, "vllm-sim");
+    }
 }
 
 #[tokio::test]

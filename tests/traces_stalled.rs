@@ -56,9 +56,21 @@ async fn a_hung_collector_neither_fails_nor_holds_requests() {
     // 40 requests of several spans each went through a 16-span queue whose
     // only consumer is stuck: the rest were dropped, not waited for.
     assert_eq!(sluice::telemetry::otel::exported_spans(), 0);
-    assert!(
-        sluice::telemetry::otel::dropped_spans() >= 40,
-        "dropped {}",
-        sluice::telemetry::otel::dropped_spans()
-    );
+    let dropped = sluice::telemetry::otel::dropped_spans();
+    assert!(dropped >= 40, "dropped {dropped}");
+    // And /metrics says so.
+    let text = http_client()
+        .get(format!("http://{}/metrics", gw.ops))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("sluice_otel_spans_dropped_total "))
+        .unwrap_or_else(|| panic!("{text}"));
+    let shown: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(shown >= dropped, "{line}");
 }

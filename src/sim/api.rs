@@ -26,6 +26,7 @@ use super::generate::{
 };
 use super::metrics::{self, FinishedReason};
 use super::scheduler::{AdmitError, Outcome, Slot, Ticket};
+use super::trace;
 use super::{Engine, MAX_DELAY_MS};
 
 pub(crate) type Body = UnsyncBoxBody<Bytes, BodyError>;
@@ -802,6 +803,8 @@ struct Output {
     pace: Pace,
     arrival: Instant,
     include_usage: bool,
+    /// The engine's own spans, when a tracer is installed.
+    timeline: Option<trace::Timeline>,
 }
 
 impl Output {
@@ -821,6 +824,22 @@ impl Output {
     fn first_token(&self) {
         let secs = self.arrival.elapsed().as_secs_f64();
         self.engine.metrics.ttft.observe(secs);
+        if let Some(t) = &self.timeline {
+            t.first_token();
+        }
+    }
+
+    fn admitted(&self) {
+        if let Some(t) = &self.timeline {
+            t.admitted();
+        }
+    }
+
+    /// End the engine's spans (an unfinished generation counts as aborted).
+    fn traced_end(&self, finish: &str) {
+        if let Some(t) = &self.timeline {
+            t.finish(finish, self.prompt.len(), self.plan.pieces.len());
+        }
     }
 
     fn model(&self) -> &str {
@@ -917,6 +936,7 @@ async fn completion(
     endpoint: Endpoint,
 ) -> Result<Response<Body>, ApiError> {
     let arrival = Instant::now();
+    let timeline = trace::Timeline::start(req.headers(), &engine.opts.model);
     let body = read_json(req).await?;
     let job = parse(&engine, &body, endpoint)?;
     drop(body);
@@ -990,6 +1010,7 @@ async fn completion(
         pace,
         arrival,
         include_usage: job.include_usage,
+        timeline,
     };
     if job.stream {
         Ok(respond_stream(out, ticket))
@@ -1002,6 +1023,7 @@ async fn respond_whole(out: Output, ticket: Ticket) -> Result<Response<Body>, Ap
     // If the client leaves, hyper drops this future and the ticket/slot
     // guards count the cancellation.
     let mut slot = ticket.admit(&out.prompt).await?;
+    out.admitted();
     if out.fault == Some(Fault::Stall) {
         out.engine.stopped().await;
         slot.finish(Outcome::Aborted);
@@ -1022,6 +1044,7 @@ async fn respond_whole(out: Output, ticket: Ticket) -> Result<Response<Body>, Ap
     let body = out.whole(&out.usage(slot.cached_tokens));
     if out.fault == Some(Fault::Drop) {
         slot.finish(Outcome::Aborted);
+        out.traced_end("aborted");
         let text = Bytes::from(body.to_string());
         let half = text.slice(..text.len() / 2);
         let frames = futures_util::stream::iter([Ok(Frame::data(half))]).chain(
@@ -1036,6 +1059,7 @@ async fn respond_whole(out: Output, ticket: Ticket) -> Result<Response<Body>, Ap
         return Ok(resp);
     }
     slot.finish(Outcome::Finished(finished_reason(out.plan.finish)));
+    out.traced_end(out.plan.finish.as_str());
     Ok(json_response(StatusCode::OK, &body))
 }
 
@@ -1117,11 +1141,18 @@ async fn stream_task(out: Output, ticket: Ticket, sink: Sink) {
             return;
         }
     };
+    out.admitted();
     match emit(&out, &mut slot, &sink).await {
-        Ok(outcome) => slot.finish(outcome),
-        Err(Halt::Aborted) => slot.finish(Outcome::Aborted),
+        Ok(outcome) => {
+            slot.finish(outcome);
+            out.traced_end(out.plan.finish.as_str());
+        }
+        Err(Halt::Aborted) => {
+            slot.finish(Outcome::Aborted);
+            out.traced_end("aborted");
+        }
         // Dropping the slot unfinished counts the cancellation.
-        Err(Halt::ClientGone) => {}
+        Err(Halt::ClientGone) => out.traced_end("aborted"),
     }
 }
 

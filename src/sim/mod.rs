@@ -7,6 +7,7 @@ mod api;
 mod generate;
 mod metrics;
 mod scheduler;
+pub mod trace;
 
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;

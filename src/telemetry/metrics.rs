@@ -257,6 +257,8 @@ pub struct Metrics {
     replica_healthy: Family<ReplicaLabels, Gauge>,
     replica_outstanding: Family<ReplicaLabels, Gauge>,
     inflight: Gauge,
+    spans_exported: Counter,
+    spans_dropped: Counter,
     /// Tenant ids and model names from the config, shared as label values
     /// so that recording allocates nothing for them.
     tenants: HashMap<String, Arc<str>>,
@@ -313,6 +315,8 @@ impl Metrics {
             replica_healthy: Family::default(),
             replica_outstanding: Family::default(),
             inflight: Gauge::default(),
+            spans_exported: Counter::default(),
+            spans_dropped: Counter::default(),
             tenants: tenants.map(|n| (n.to_owned(), Arc::from(n))).collect(),
             models: models.map(|n| (n.to_owned(), Arc::from(n))).collect(),
             prices: prices
@@ -406,6 +410,16 @@ impl Metrics {
             m.inflight.clone(),
         );
         r.register(
+            "sluice_otel_spans_exported",
+            "Spans the trace collector accepted",
+            m.spans_exported.clone(),
+        );
+        r.register(
+            "sluice_otel_spans_dropped",
+            "Spans dropped: the export queue was full or the collector failed",
+            m.spans_dropped.clone(),
+        );
+        r.register(
             "sluice_build_info",
             "Always 1; the version label is sluice's",
             build_info,
@@ -462,6 +476,15 @@ impl Metrics {
             .get(model)
             .cloned()
             .unwrap_or_else(|| self.other.clone())
+    }
+
+    /// Bring the trace export counters up to the exporter's own counts.
+    pub fn sync_trace_export(&self) {
+        let catch_up = |c: &Counter, now: u64| {
+            c.inc_by(now.saturating_sub(c.get()));
+        };
+        catch_up(&self.spans_exported, super::otel::exported_spans());
+        catch_up(&self.spans_dropped, super::otel::dropped_spans());
     }
 
     pub fn set_inflight(&self, n: usize) {

@@ -5,8 +5,8 @@
 //! the trace id, so an SRE can go from a customer's error to the trace.
 
 pub mod genai;
-pub mod otel;
 pub mod metrics;
+pub mod otel;
 
 use http::{HeaderMap, HeaderValue, Response};
 use opentelemetry::trace::TraceContextExt as _;

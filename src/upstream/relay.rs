@@ -294,7 +294,13 @@ impl<G> Relay<G> {
                     reason: e.to_string(),
                 };
                 *this.done = true;
-                Poll::Ready(Some(fail(err, *this.sse, this.trace_id, this.spans, this.metrics)))
+                Poll::Ready(Some(fail(
+                    err,
+                    *this.sse,
+                    this.trace_id,
+                    this.spans,
+                    this.metrics,
+                )))
             }
             Poll::Ready(None) => {
                 *this.done = true;
@@ -325,7 +331,13 @@ impl<G> Relay<G> {
                         pool: this.pool.clone(),
                         reason: "the stream ended without `data: [DONE]`".into(),
                     };
-                    return Poll::Ready(Some(fail(err, true, this.trace_id, this.spans, this.metrics)));
+                    return Poll::Ready(Some(fail(
+                        err,
+                        true,
+                        this.trace_id,
+                        this.spans,
+                        this.metrics,
+                    )));
                 }
                 this.metrics.completed();
                 Poll::Ready(None)
@@ -343,7 +355,13 @@ impl<G> Relay<G> {
                     after: *this.idle,
                 };
                 *this.done = true;
-                Poll::Ready(Some(fail(err, *this.sse, this.trace_id, this.spans, this.metrics)))
+                Poll::Ready(Some(fail(
+                    err,
+                    *this.sse,
+                    this.trace_id,
+                    this.spans,
+                    this.metrics,
+                )))
             }
         }
     }
