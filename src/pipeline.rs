@@ -541,7 +541,7 @@ async fn serve(
         _inflight: inflight,
         _tenant: tenant_permit,
         _caller: caller,
-        _span: span.clone(),
+        span: span.clone(),
     };
 
     // Answers that plugins judge or that settle token limits pass through hooks.
@@ -569,7 +569,6 @@ async fn serve(
         ids,
         guards,
         hook,
-        span,
         rec.take(),
     ))
 }
@@ -580,7 +579,7 @@ struct Guards {
     _tenant: OwnedSemaphorePermit,
     _caller: Caller,
     /// The server span ends when the last byte is sent.
-    _span: tracing::Span,
+    span: tracing::Span,
 }
 
 fn route(method: &Method, path: &str) -> Result<Endpoint, GatewayError> {
@@ -724,7 +723,6 @@ fn relay_response(
     ids: &RequestIds,
     guards: Guards,
     hook: Option<Box<dyn EventHook>>,
-    server_span: &tracing::Span,
     mut rec: Recorder,
 ) -> Response<ProxyBody> {
     let sse = stream
@@ -759,7 +757,7 @@ fn relay_response(
         pool: pool.name.clone(),
         trace_id: ids.trace_id.clone(),
         normalize_reasoning,
-        spans: [server_span.clone(), up.span.clone()],
+        spans: [guards.span.clone(), up.span.clone()],
         metrics: rec,
     };
     let mut relay = Relay::new(up.first, up.body, opts, (up.lease, guards));

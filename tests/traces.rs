@@ -212,15 +212,15 @@ async fn a_plugin_rejection_and_a_plugin_trap_name_their_layer() {
     let c = collector();
     let engine = sim_engine(&[]).await;
     let hostile = format!("{}/hostile.wasm", env!("SLUICE_PLUGIN_COMPONENTS"));
+    let trap_tenant = format!(
+        "{}\n[[tenants.plugins]]\npath = {hostile:?}\nconfig = {{ mode = \"trap\" }}\n",
+        tenant("trap", "p", "sk-test-trap", "")
+    );
     let gw = Gateway::start(&format!(
-        "{}{}{}{}",
+        "{}{}{}{trap_tenant}",
         pool("p", &[url(&engine)], ""),
         tenant("acme", "p", KEY, ""),
         plugin("context-cap", "{ max_input_tokens = 20 }"),
-        format!(
-            "{}\n[[tenants.plugins]]\npath = {hostile:?}\nconfig = {{ mode = \"trap\" }}\n",
-            tenant("trap", "p", "sk-test-trap", "")
-        ),
     ))
     .await;
 
