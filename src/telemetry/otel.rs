@@ -283,3 +283,25 @@ impl SpanProcessor for QueueProcessor {
         let _ = self.tx.send(Msg::Resource(resource.clone()));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_endpoints_get_the_signal_path_for_http_only() {
+        let mut cfg = TelemetryConfig {
+            otlp_endpoint: Some("http://collector:4318/".into()),
+            ..TelemetryConfig::default()
+        };
+        let s = Settings::resolve(&cfg).unwrap();
+        assert_eq!(s.endpoint, "http://collector:4318/v1/traces");
+        assert_eq!(s.protocol, OtlpProtocol::HttpProtobuf);
+        cfg.otlp_endpoint = Some("http://collector:4317".into());
+        cfg.otlp_protocol = Some(OtlpProtocol::Grpc);
+        cfg.service_name = Some("edge-eu".into());
+        let s = Settings::resolve(&cfg).unwrap();
+        assert_eq!(s.endpoint, "http://collector:4317");
+        assert_eq!(s.service_name, "edge-eu");
+    }
+}
