@@ -463,6 +463,14 @@ async fn serve(
             phases::on_request(&tenant_chain, &mut ctx, &mut doc, &mut fwd_headers, &input);
         let mut settlement = Settlement::default();
         settlement.collect(&mut ctx);
+        if outcome.is_err()
+            && let Some(m) = doc.get("model").and_then(Value::as_str)
+        {
+            // A later plugin refused what an earlier one rewrote (an alias
+            // resolved): count and trace it under the model it became.
+            rec.model(m);
+            span.record("gen_ai.request.model", m);
+        }
         let outcome = outcome?;
         headers = fwd_headers;
         if let Some((name, plugin)) = &outcome.pool {

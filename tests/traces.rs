@@ -277,6 +277,7 @@ async fn engine_failures_are_the_providers() {
     assert_failed(server(&spans), "provider", "engine_error");
     let eng = spans.iter().find(|s| s.kind == 3).expect("an engine span");
     assert_failed(eng, "provider", "engine_error");
+    assert_eq!(eng.attr("http.response.status_code"), "500");
 
     // No first token in time.
     let (parent, trace, _) = new_parent();

@@ -479,6 +479,8 @@ impl Pool {
         body: Incoming,
         deadline: tokio::time::Instant,
     ) -> AttemptError {
+        // The attempt's span (current here) shows what the engine answered.
+        tracing::Span::current().record("http.response.status_code", status.as_u16());
         let bytes = match tokio::time::timeout_at(
             deadline,
             Limited::new(body, MAX_ENGINE_ERROR_BYTES).collect(),
