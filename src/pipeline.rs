@@ -296,8 +296,9 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyB
     // The exchange's server span: child of the caller's `traceparent`; it
     // ends with the response's last byte (the relay holds it).
     let span = tracing::info_span!(
+        target: crate::telemetry::TRACE_TARGET,
         "request",
-        otel.name = %format_args!("{method} {path}"),
+        otel.name = %format_args!("{method} {}", span_route(&path)),
         otel.kind = "server",
         otel.status_code = Empty,
         otel.status_description = Empty,
@@ -312,7 +313,9 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyB
         sluice.error.layer = Empty,
         error.type = Empty,
     );
-    let _ = span.set_parent(RequestIds::parent_context(req.headers()));
+    if crate::telemetry::otel::enabled() {
+        let _ = span.set_parent(RequestIds::parent_context(req.headers()));
+    }
     let ids = RequestIds::for_span(&span, req.headers());
     span.record("sluice.request_id", ids.request_id.as_str());
     let (parts, body) = req.into_parts();
@@ -321,7 +324,6 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyB
     let result = serve(&gw, parts, &mut body, &ids, &span, &mut rec)
         .instrument(span.clone())
         .await;
-    let _in_span = span.enter();
     let resp = match result {
         Ok(resp) => {
             span.record("http.response.status_code", resp.status().as_u16());
@@ -333,14 +335,16 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyB
             crate::telemetry::record_error(&span, &err);
             rec.failed(&err);
             if let Some(unread) = body {
-                drain_small_body(unread).await;
+                drain_small_body(unread).instrument(span.clone()).await;
             }
             let layer = err.layer().as_str();
-            if err.status().is_server_error() {
-                tracing::warn!(%method, %path, status = err.status().as_u16(), layer, error = %err, trace_id = %ids.trace_id, "request failed");
-            } else {
-                tracing::info!(%method, %path, status = err.status().as_u16(), layer, error = %err, trace_id = %ids.trace_id, "request refused");
-            }
+            span.in_scope(|| {
+                if err.status().is_server_error() {
+                    tracing::warn!(%method, %path, status = err.status().as_u16(), layer, error = %err, trace_id = %ids.trace_id, "request failed");
+                } else {
+                    tracing::info!(%method, %path, status = err.status().as_u16(), layer, error = %err, trace_id = %ids.trace_id, "request refused");
+                }
+            });
             err.into_response(&ids.trace_id)
         }
     };
@@ -384,6 +388,7 @@ async fn serve(
 
     // 3. Authenticate before reading a body nobody may have asked for.
     let auth = tracing::info_span!(
+        target: crate::telemetry::TRACE_TARGET,
         "authenticate",
         sluice.tenant = Empty,
         sluice.api_key_id = Empty,
@@ -530,6 +535,7 @@ async fn serve(
     span.record("gen_ai.request.stream", stream);
     let routed_by = routed_by.unwrap_or_else(|| "the tenant's pool".into());
     tracing::info_span!(
+        target: crate::telemetry::TRACE_TARGET,
         "route",
         sluice.pool = %pool.name,
         sluice.route.reason = %routed_by,
@@ -588,6 +594,17 @@ struct Guards {
     _caller: Caller,
     /// The server span ends when the last byte is sent.
     span: tracing::Span,
+}
+
+/// The server span's name: the route, never the raw path a client chose
+/// (probes of random paths must not mint span names).
+fn span_route(path: &str) -> &'static str {
+    match path.trim_end_matches('/') {
+        "/v1/chat/completions" => "/v1/chat/completions",
+        "/v1/completions" => "/v1/completions",
+        "/v1/models" => "/v1/models",
+        _ => "(unknown route)",
+    }
 }
 
 fn route(method: &Method, path: &str) -> Result<Endpoint, GatewayError> {

@@ -58,6 +58,11 @@ async fn call(gw: &Gateway, key: &str, body: Value, parent: &str) -> (u16, Strin
     let tp = resp.headers()["traceparent"].to_str().unwrap().to_owned();
     let text = resp.text().await.unwrap();
     let trace_id = tp.split('-').nth(1).unwrap().to_owned();
+    if status >= 400 {
+        // The error body names the trace the response header names.
+        let err: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(err["error"]["trace_id"], trace_id.as_str(), "{text}");
+    }
     (status, text, trace_id)
 }
 
@@ -310,4 +315,108 @@ async fn engine_failures_are_the_providers() {
         "provider",
         "engine_stream_broken",
     );
+}
+
+#[tokio::test]
+async fn without_a_caller_the_trace_starts_here_and_unsampled_callers_are_honoured() {
+    let c = collector();
+    let engine = EchoEngine::start().await;
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        pool("p", &[engine.url()], ""),
+        tenant("acme", "p", KEY, "")
+    ))
+    .await;
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]});
+
+    // No traceparent: a root trace, whose id the response and the error body give.
+    let resp = http_client()
+        .post(gw.http_url("/v1/chat/completions"))
+        .bearer_auth("sk-wrong")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let tp = resp.headers()["traceparent"].to_str().unwrap().to_owned();
+    let err: Value = resp.json().await.unwrap();
+    let trace = tp.split('-').nth(1).unwrap().to_owned();
+    assert_eq!(err["error"]["trace_id"], trace.as_str());
+    let spans = c.wait_for(&trace, |s| s.kind == 2).await;
+    assert_eq!(server(&spans).parent_span_id, "", "a root span");
+
+    // A caller that did not sample: nothing exported, and the engine is told
+    // the same.
+    let trace = format!("{:032x}", fastrand::u128(1..));
+    let parent = format!("00-{trace}-{:016x}-00", fastrand::u64(1..));
+    let (status, text, got) = call(&gw, KEY, body.clone(), &parent).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(got, trace);
+    let sent = engine.last().headers["traceparent"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        sent.starts_with(&format!("00-{trace}-")) && sent.ends_with("-00"),
+        "{sent}"
+    );
+    // A sampled request after it proves the exporter is flowing...
+    let (parent2, trace2, _) = new_parent();
+    call(&gw, KEY, body, &parent2).await;
+    c.wait_for(&trace2, |s| s.kind == 2).await;
+    // ...and the unsampled one never arrived.
+    assert!(c.trace(&trace).is_empty(), "{:#?}", c.trace(&trace));
+}
+
+#[tokio::test]
+async fn an_engine_failure_shows_in_the_engines_own_spans() {
+    let c = collector();
+    let engine = sim_engine(&[]).await;
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        pool("p", &[url(&engine)], "retries = 0"),
+        tenant("acme", "p", KEY, "")
+    ))
+    .await;
+    let (parent, trace, _) = new_parent();
+    let body = json!({"model": MODEL, "sim": {"fault": "error"},
+        "messages": [{"role": "user", "content": "hi"}]});
+    let (status, text, _) = call(&gw, KEY, body, &parent).await;
+    assert_eq!(status, 502, "{text}");
+    let spans = c.wait_for(&trace, |s| s.name == "llm_request").await;
+    let eng = spans.iter().find(|s| s.kind == 3).unwrap();
+    assert_failed(eng, "provider", "engine_error");
+    let llm = one(&spans, "llm_request");
+    assert_eq!(llm.parent_span_id, eng.span_id);
+    assert_eq!(llm.status, 2, "the engine's span is failed too");
+}
+
+#[tokio::test]
+async fn a_stream_a_plugin_refuses_at_its_end_is_failed_in_the_trace() {
+    let c = collector();
+    let engine = sim_engine(&[]).await;
+    let gw = Gateway::start(&format!(
+        "{}{}{}",
+        pool("p", &[url(&engine)], ""),
+        tenant("acme", "p", KEY, ""),
+        plugin("output-validator", "{ max_retries = 0 }"),
+    ))
+    .await;
+    let (parent, trace, _) = new_parent();
+    let body = json!({"model": MODEL, "stream": true, "response_format": {"type": "json_object"},
+        "sim": {"fault": "invalid_json"}, "messages": [{"role": "user", "content": "hi"}]});
+    let (status, text, _) = call(&gw, KEY, body, &parent).await;
+    assert_eq!(status, 200);
+    assert!(text.contains("\"layer\":\"customer\""), "{text}");
+    let spans = c
+        .wait_for(&trace, |s| s.name == "plugin output-validator on-response")
+        .await;
+    let srv = server(&spans);
+    assert_eq!(srv.status, 2, "{:?}", srv.attrs);
+    assert_eq!(srv.attr("sluice.error.layer"), "customer");
+    let hook = one(&spans, "plugin output-validator on-response");
+    assert_eq!(
+        hook.parent_span_id, srv.span_id,
+        "the hook is in the request's trace"
+    );
+    assert_eq!(hook.attr("sluice.plugin.decision"), "reject");
 }

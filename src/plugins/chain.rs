@@ -178,6 +178,7 @@ impl Entry {
     /// are not traced one by one).
     fn hook_span(&self, hook: &'static str) -> tracing::Span {
         tracing::info_span!(
+            target: crate::telemetry::TRACE_TARGET,
             "plugin",
             otel.name = %format_args!("plugin {} {hook}", self.name),
             sluice.tenant = %self.tenant,

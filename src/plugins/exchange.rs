@@ -151,11 +151,14 @@ pub async fn buffered(
                     pool: pool.name.clone(),
                     phase: crate::errors::TimeoutPhase::WholeRequest,
                     after: pool.request_timeout(),
-                })?
-                .map_err(|e| GatewayError::EngineStreamBroken {
-                    pool: pool.name.clone(),
-                    reason: e.to_string(),
-                })?;
+                })
+                .and_then(|r| {
+                    r.map_err(|e| GatewayError::EngineStreamBroken {
+                        pool: pool.name.clone(),
+                        reason: e.to_string(),
+                    })
+                })
+                .inspect_err(|e| crate::telemetry::record_error(&span, e))?;
         answer.extend_from_slice(&rest.to_bytes());
         drop(up.lease);
         if let Some(renamed) = upstream::normalize_reasoning(&answer) {

@@ -207,6 +207,7 @@ pub(super) fn deadline_ticks(timeout: Duration) -> u64 {
 /// A limiter decision, as a child of the plugin call that asked for it.
 fn limiter_span(op: &str, bucket: &str, per_minute: u32, burst: u32, units: u32) -> tracing::Span {
     tracing::info_span!(
+        target: crate::telemetry::TRACE_TARGET,
         "limiter",
         otel.name = %format_args!("limiter {op}"),
         sluice.limiter.bucket = bucket,

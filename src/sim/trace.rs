@@ -102,3 +102,11 @@ impl Timeline {
         cx.span().end_with_timestamp(end);
     }
 }
+
+/// A generation that ended without a word (the gateway gave up, the client
+/// left, an error before it began) still shows in the trace, as aborted.
+impl Drop for Timeline {
+    fn drop(&mut self) {
+        self.finish("aborted", 0, 0);
+    }
+}

@@ -82,7 +82,7 @@ impl ResponseFacts {
         // Only the first event (id), ends of choices and the usage chunk
         // are worth a parse.
         let wanted = self.id.is_none()
-            || contains(data, b"\"usage\":{")
+            || (contains(data, b"\"usage\":") && !contains(data, b"\"usage\":null"))
             || (contains(data, b"\"finish_reason\":\"")
                 && !contains(data, b"\"finish_reason\":null"));
         if !wanted || !data.starts_with(b"{") {

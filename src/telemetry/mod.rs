@@ -143,6 +143,10 @@ fn random_hex(bytes: usize) -> String {
     out
 }
 
+/// Target of the spans that make up traces. The log leaves them out, so
+/// without trace export they are disabled and cost next to nothing.
+pub const TRACE_TARGET: &str = "sluice::trace";
+
 /// Mark a span failed, with the layer the failure is attributed to.
 pub fn record_error(span: &tracing::Span, err: &crate::errors::GatewayError) {
     span.record("sluice.error.layer", err.layer().as_str());
@@ -172,7 +176,7 @@ pub fn init(
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_filter(EnvFilter::new(filter));
+        .with_filter(EnvFilter::new(format!("{filter},{TRACE_TARGET}=off")));
     let provider = otel.map(otel::provider).transpose()?;
     // Spans are exported whatever the log filter says: the trace must be
     // whole even when the log is quiet.

@@ -20,6 +20,13 @@ use crate::config::{OtlpProtocol, TelemetryConfig};
 
 static DROPPED: AtomicU64 = AtomicU64::new(0);
 static EXPORTED: AtomicU64 = AtomicU64::new(0);
+static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether spans are exported from this process: work that only feeds span
+/// attributes is skipped when not.
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
 
 /// Spans dropped because the export queue was full or the collector failed.
 pub fn dropped_spans() -> u64 {
@@ -165,6 +172,7 @@ impl QueueProcessor {
             .recv()
             .map_err(|_| anyhow::anyhow!("the trace export thread ended at start"))??;
         tracing::info!(%endpoint, "exporting traces");
+        ENABLED.store(true, Ordering::Relaxed);
         Ok(QueueProcessor { tx })
     }
 }
@@ -251,6 +259,22 @@ fn send(
     }
 }
 
+/// The longest a flush (at exit) waits for the export thread: a hung
+/// collector must not hold the process past its drain.
+const FLUSH_WAIT: Duration = Duration::from_secs(3);
+
+impl QueueProcessor {
+    fn flush_within(&self, wait: Duration) -> OTelSdkResult {
+        let (done, finished) = std::sync::mpsc::sync_channel(1);
+        self.tx
+            .try_send(Msg::Flush(done))
+            .map_err(|e| OTelSdkError::InternalFailure(format!("export queue: {e}")))?;
+        finished
+            .recv_timeout(wait)
+            .map_err(|_| OTelSdkError::Timeout(wait))
+    }
+}
+
 impl SpanProcessor for QueueProcessor {
     fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &opentelemetry::Context) {}
 
@@ -267,16 +291,11 @@ impl SpanProcessor for QueueProcessor {
     }
 
     fn force_flush(&self) -> OTelSdkResult {
-        let (done, wait) = std::sync::mpsc::sync_channel(1);
-        self.tx
-            .send(Msg::Flush(done))
-            .map_err(|e| OTelSdkError::InternalFailure(e.to_string()))?;
-        wait.recv_timeout(Duration::from_secs(10))
-            .map_err(|_| OTelSdkError::Timeout(Duration::from_secs(10)))
+        self.flush_within(FLUSH_WAIT)
     }
 
-    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
-        self.force_flush()
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.flush_within(timeout.min(FLUSH_WAIT))
     }
 
     fn set_resource(&mut self, resource: &Resource) {

@@ -316,6 +316,7 @@ impl Pool {
     fn attempt_span(&self, call: &EngineCall, idx: usize, attempt: usize) -> tracing::Span {
         let replica = &self.replicas[idx];
         tracing::info_span!(
+            target: crate::telemetry::TRACE_TARGET,
             "engine",
             otel.name = %format_args!("{} {}", call.operation, call.model),
             otel.kind = "client",

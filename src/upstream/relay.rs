@@ -116,7 +116,7 @@ impl<G> Relay<G> {
             hook: None,
             normalize: opts.normalize_reasoning,
             partial: Vec::new(),
-            json: (!opts.sse).then(Vec::new),
+            json: (!opts.sse && crate::telemetry::otel::enabled()).then(Vec::new),
             spans: opts.spans,
             facts: ResponseFacts::default(),
             metrics: opts.metrics,
@@ -253,6 +253,8 @@ impl<G> Relay<G> {
         if *this.done {
             return Poll::Ready(None);
         }
+        // Hooks and limiters called from here belong to this exchange's trace.
+        let _in_span = this.spans[0].enter();
         if let Some(first) = this.first.take() {
             this.metrics.first_chunk();
             this.metrics.bytes(&first);
@@ -262,7 +264,7 @@ impl<G> Relay<G> {
                 let (out, failed) = run_hook(hook.as_mut(), this.partial, &first, this.trace_id);
                 if let Some(err) = failed {
                     *this.done = true;
-                    this.metrics.failed(&err);
+                    hook_failed(&err, this.spans, this.metrics);
                 }
                 return Poll::Ready(Some(Ok(Frame::data(out))));
             }
@@ -282,7 +284,7 @@ impl<G> Relay<G> {
                     let (out, failed) = run_hook(hook.as_mut(), this.partial, d, this.trace_id);
                     if let Some(err) = failed {
                         *this.done = true;
-                        this.metrics.failed(&err);
+                        hook_failed(&err, this.spans, this.metrics);
                     }
                     return Poll::Ready(Some(Ok(Frame::data(out))));
                 }
@@ -320,7 +322,7 @@ impl<G> Relay<G> {
                     this.partial.clear();
                     if !out.is_empty() {
                         match failed {
-                            Some(err) => this.metrics.failed(&err),
+                            Some(err) => hook_failed(&err, this.spans, this.metrics),
                             None => this.metrics.completed(),
                         }
                         return Poll::Ready(Some(Ok(Frame::data(out))));
@@ -386,8 +388,15 @@ fn fail(
     }
 }
 
+/// A plugin ended the stream (a rejection or a fault at its end).
+fn hook_failed(err: &GatewayError, spans: &[tracing::Span; 2], metrics: &mut Recorder) {
+    metrics.failed(err);
+    crate::telemetry::record_error(&spans[0], err);
+}
+
 fn observe(facts: &mut ResponseFacts, json: &mut Option<Vec<u8>>, sse: bool, data: &[u8]) {
-    if sse {
+    // Only span attributes come from here: nothing to read when not exporting.
+    if sse && crate::telemetry::otel::enabled() {
         facts.observe_sse(data);
     } else if let Some(buf) = json {
         if buf.len() + data.len() <= MAX_FACTS_JSON {
