@@ -652,28 +652,14 @@ async fn read_body(
     headers: &http::HeaderMap,
     body: Incoming,
 ) -> Result<Bytes, GatewayError> {
-    let limit = limits.max_body_bytes;
-    // Refuse early when the client announces too much.
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(GatewayError::BodyTooLarge { limit });
-    }
-    let collected = tokio::time::timeout(
-        limits.body_read_timeout,
-        Limited::new(body, limit).collect(),
-    )
-    .await
-    .map_err(|_| GatewayError::BodyTimeout(limits.body_read_timeout))?;
-    match collected {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(GatewayError::BodyTooLarge { limit })
-        }
-        Err(e) => Err(GatewayError::BodyRead(e.to_string())),
-    }
+    let (limit, timeout) = (limits.max_body_bytes, limits.body_read_timeout);
+    body::read_limited(body, headers, limit, timeout)
+        .await
+        .map_err(|e| match e {
+            body::ReadError::TooLarge => GatewayError::BodyTooLarge { limit },
+            body::ReadError::Timeout => GatewayError::BodyTimeout(timeout),
+            body::ReadError::Failed(e) => GatewayError::BodyRead(e),
+        })
 }
 
 fn json_error(e: serde_json::Error) -> GatewayError {

@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Response, StatusCode, header};
-use http_body_util::{BodyExt, Limited};
 use hyper::Request;
 use hyper::body::Incoming;
 use serde::Deserialize;
@@ -414,21 +413,13 @@ async fn read_body(
     timeout: std::time::Duration,
     headers: &http::HeaderMap,
 ) -> Result<Bytes, AdminError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(AdminError::TooLarge { limit });
-    }
-    match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
-        Err(_) => Err(AdminError::BodyRead(format!(
-            "not received within {timeout:?}"
-        ))),
-        Ok(Ok(c)) => Ok(c.to_bytes()),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(AdminError::TooLarge { limit })
-        }
-        Ok(Err(e)) => Err(AdminError::BodyRead(e.to_string())),
-    }
+    body::read_limited(body, headers, limit, timeout)
+        .await
+        .map_err(|e| match e {
+            body::ReadError::TooLarge => AdminError::TooLarge { limit },
+            body::ReadError::Timeout => {
+                AdminError::BodyRead(format!("not received within {timeout:?}"))
+            }
+            body::ReadError::Failed(e) => AdminError::BodyRead(e),
+        })
 }
