@@ -214,7 +214,7 @@ pub struct ChainEntryConfig {
     pub failure: FailurePolicy,
 }
 
-fn empty_object() -> serde_json::Value {
+pub(crate) fn empty_object() -> serde_json::Value {
     serde_json::Value::Object(Default::default())
 }
 
@@ -551,23 +551,14 @@ impl Config {
                     "the admin API is served on the ops listener: set `server.ops`".into(),
                 );
             }
-            if r.poll_interval.is_zero() {
-                issue(
-                    "registry.poll_interval".into(),
-                    "must be greater than 0".into(),
-                );
-            }
-            if r.store_timeout.is_zero() {
-                issue(
-                    "registry.store_timeout".into(),
-                    "must be greater than 0".into(),
-                );
-            }
-            if r.check_timeout.is_zero() {
-                issue(
-                    "registry.check_timeout".into(),
-                    "must be greater than 0".into(),
-                );
+            for (field, d) in [
+                ("poll_interval", r.poll_interval),
+                ("store_timeout", r.store_timeout),
+                ("check_timeout", r.check_timeout),
+            ] {
+                if d.is_zero() {
+                    issue(format!("registry.{field}"), "must be greater than 0".into());
+                }
             }
             if r.max_versions == 0 {
                 issue("registry.max_versions".into(), "must be at least 1".into());
@@ -809,28 +800,16 @@ impl Config {
                 if !key_ids.insert(k.id.as_str()) {
                     issue(format!("{kat}.id"), format!("duplicate key id {:?}", k.id));
                 }
-                let h = k.sha256.to_ascii_lowercase();
-                if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    issue(
-                        format!("{kat}.sha256"),
-                        "must be 64 hex digits (see `sluice hash-key`)".into(),
-                    );
-                } else if let Some(prev) = key_hashes.insert(h, kat.clone()) {
-                    issue(format!("{kat}.sha256"), format!("same key as {prev}"));
+                if let Some(i) = key_hash_issue(&kat, k, &mut key_hashes) {
+                    issue(i.path, i.message);
                 }
             }
         }
 
         for (j, k) in self.admin.operator_keys.iter().enumerate() {
             let kat = format!("admin.operator_keys[{j}]");
-            let h = k.sha256.to_ascii_lowercase();
-            if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
-                issue(
-                    format!("{kat}.sha256"),
-                    "must be 64 hex digits (see `sluice hash-key`)".into(),
-                );
-            } else if let Some(prev) = key_hashes.insert(h, kat.clone()) {
-                issue(format!("{kat}.sha256"), format!("same key as {prev}"));
+            if let Some(i) = key_hash_issue(&kat, k, &mut key_hashes) {
+                issue(i.path, i.message);
             }
         }
 
@@ -869,6 +848,25 @@ impl Config {
         }
         issues
     }
+}
+
+/// A key stored as its hash: 64 hex digits, and no key (API, admin or
+/// operator) twice. `seen` maps each hash to the field that holds it.
+fn key_hash_issue(
+    at: &str,
+    k: &ApiKeyConfig,
+    seen: &mut HashMap<String, String>,
+) -> Option<ConfigIssue> {
+    let h = k.sha256.to_ascii_lowercase();
+    let message = if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+        "must be 64 hex digits (see `sluice hash-key`)".to_owned()
+    } else {
+        format!("same key as {}", seen.insert(h, at.to_owned())?)
+    };
+    Some(ConfigIssue {
+        path: format!("{at}.sha256"),
+        message,
+    })
 }
 
 fn valid_ident(s: &str) -> bool {

@@ -68,12 +68,8 @@ pub struct ChainEntry {
     pub plugin: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub builtin: Option<String>,
-    #[serde(default = "empty_object")]
+    #[serde(default = "crate::config::empty_object")]
     pub config: serde_json::Value,
     #[serde(default)]
     pub failure: FailurePolicy,
-}
-
-fn empty_object() -> serde_json::Value {
-    serde_json::Value::Object(Default::default())
 }
