@@ -32,16 +32,10 @@ impl RequestIds {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_traceparent);
         let (trace_id, sampled) = parent.unwrap_or_else(|| (random_hex(16), true));
-        let request_id = headers
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .filter(|s| !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic()))
-            .map(str::to_owned)
-            .unwrap_or_else(|| random_hex(16));
         RequestIds {
             trace_id,
             span_id: random_hex(8),
-            request_id,
+            request_id: request_id_of(headers),
             sampled,
         }
     }
@@ -51,15 +45,18 @@ impl RequestIds {
     /// body is the one in Jaeger); otherwise ids of our own, continuing an
     /// incoming `traceparent`.
     pub fn for_span(span: &tracing::Span, headers: &HeaderMap) -> RequestIds {
-        let mut ids = RequestIds::from_headers(headers);
         let cx = span.context();
-        let sc = cx.span().span_context().clone();
-        if sc.is_valid() {
-            ids.trace_id = sc.trace_id().to_string();
-            ids.span_id = sc.span_id().to_string();
-            ids.sampled = sc.is_sampled();
+        let span_ref = cx.span();
+        let sc = span_ref.span_context();
+        if !sc.is_valid() {
+            return RequestIds::from_headers(headers);
         }
-        ids
+        RequestIds {
+            trace_id: sc.trace_id().to_string(),
+            span_id: sc.span_id().to_string(),
+            request_id: request_id_of(headers),
+            sampled: sc.is_sampled(),
+        }
     }
 
     /// The W3C parent context an incoming `traceparent` names, for the
@@ -113,6 +110,16 @@ impl RequestIds {
         }
         resp
     }
+}
+
+/// The incoming `x-request-id` when it is sane, else a new one.
+fn request_id_of(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| random_hex(16))
 }
 
 /// `00-<32 hex>-<16 hex>-<2 hex>`; all-zero ids are invalid per W3C.
