@@ -18,27 +18,6 @@ const OTHER_KEY: &str = "sk-test-other";
 const OTHER_ADMIN: &str = "sk-admin-other";
 const OPERATOR: &str = "sk-operator";
 
-pub fn component(name: &str) -> Vec<u8> {
-    std::fs::read(format!("{}/{name}.wasm", env!("SLUICE_PLUGIN_COMPONENTS"))).unwrap()
-}
-
-/// Same-length byte replacement: keeps the binary well formed while changing
-/// one name inside it.
-fn patched(mut bytes: Vec<u8>, from: &[u8], to: &[u8]) -> Vec<u8> {
-    assert_eq!(from.len(), to.len());
-    let mut hits = 0;
-    let mut i = 0;
-    while i + from.len() <= bytes.len() {
-        if &bytes[i..i + from.len()] == from {
-            bytes[i..i + from.len()].copy_from_slice(to);
-            hits += 1;
-        }
-        i += 1;
-    }
-    assert!(hits > 0, "{} not found", String::from_utf8_lossy(from));
-    bytes
-}
-
 /// Two tenants on one pool, each with an API key and an admin key, an
 /// operator key, and a registry in `data_dir`.
 fn config(engine: &str, data_dir: &Path, registry_extra: &str) -> String {

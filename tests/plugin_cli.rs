@@ -1,6 +1,10 @@
 //! `sluice plugin validate`: accepts real components, explains refusals.
 
+mod support;
+
 use std::process::Command;
+
+use support::{component, patched};
 
 fn validate(path: &std::path::Path) -> (bool, String) {
     sluice(&["plugin", "validate", &path.to_string_lossy()])
@@ -15,27 +19,6 @@ fn sluice(args: &[&str]) -> (bool, String) {
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
-}
-
-fn component(name: &str) -> Vec<u8> {
-    std::fs::read(format!("{}/{name}.wasm", env!("SLUICE_PLUGIN_COMPONENTS"))).unwrap()
-}
-
-/// Same-length byte replacement: keeps the binary well-formed while
-/// changing one name inside it.
-fn patched(mut bytes: Vec<u8>, from: &[u8], to: &[u8]) -> Vec<u8> {
-    assert_eq!(from.len(), to.len());
-    let mut hits = 0;
-    let mut i = 0;
-    while i + from.len() <= bytes.len() {
-        if &bytes[i..i + from.len()] == from {
-            bytes[i..i + from.len()].copy_from_slice(to);
-            hits += 1;
-        }
-        i += 1;
-    }
-    assert!(hits > 0, "{} not found", String::from_utf8_lossy(from));
-    bytes
 }
 
 #[test]

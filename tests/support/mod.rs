@@ -316,4 +316,26 @@ pub async fn error_of(
     );
     (status, v["error"].clone(), headers)
 }
+/// A component `build.rs` made from `plugins/`.
+pub fn component(name: &str) -> Vec<u8> {
+    std::fs::read(format!("{}/{name}.wasm", env!("SLUICE_PLUGIN_COMPONENTS"))).unwrap()
+}
+
+/// Same-length byte replacement: keeps the binary well-formed while
+/// changing one name inside it.
+pub fn patched(mut bytes: Vec<u8>, from: &[u8], to: &[u8]) -> Vec<u8> {
+    assert_eq!(from.len(), to.len());
+    let mut hits = 0;
+    let mut i = 0;
+    while i + from.len() <= bytes.len() {
+        if &bytes[i..i + from.len()] == from {
+            bytes[i..i + from.len()].copy_from_slice(to);
+            hits += 1;
+        }
+        i += 1;
+    }
+    assert!(hits > 0, "{} not found", String::from_utf8_lossy(from));
+    bytes
+}
+
 pub mod otlp;
