@@ -4,6 +4,11 @@
 //! stdout; `--write FILE` also updates that file's chain section.
 //!
 //!     cargo bench --bench chain [-- --write BENCHMARKS.md]
+//!
+//! Every request's user message is new (a serial number in it), so the token
+//! count cache never answers for it; only the shared system prompt repeats.
+
+mod common;
 
 use std::time::Instant;
 
@@ -18,9 +23,11 @@ use sluice::plugins::{PluginEngine, Settings, builtin, phases};
 const ITERS: usize = 20_000;
 const WARMUP: usize = 2_000;
 
-fn request_2kb() -> Vec<u8> {
-    let text =
-        "The river carries sediment from the mountains to the delta, where it settles. ".repeat(22);
+fn request_2kb(serial: usize) -> Vec<u8> {
+    let text = format!(
+        "Case {serial:012}: {}",
+        "The river carries sediment from the mountains to the delta, where it settles. ".repeat(22)
+    );
     let body = json!({
         "model": "deepseek-v4-flash",
         "messages": [
@@ -105,12 +112,16 @@ fn once(chain: &Chain, fast: bool, bytes: &[u8], headers: &HeaderMap) {
     }
 }
 
-fn measure(chain: &Chain, fast: bool, bytes: &[u8], headers: &HeaderMap) -> (f64, f64) {
-    for _ in 0..WARMUP {
+fn measure(chain: &Chain, fast: bool, headers: &HeaderMap) -> (f64, f64) {
+    // Bodies made before the clock runs; each serial is used once per process.
+    static SERIAL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let first = SERIAL.fetch_add(WARMUP + ITERS, std::sync::atomic::Ordering::Relaxed);
+    let bodies: Vec<Vec<u8>> = (first..first + WARMUP + ITERS).map(request_2kb).collect();
+    for bytes in &bodies[..WARMUP] {
         once(chain, fast, bytes, headers);
     }
     let mut samples = Vec::with_capacity(ITERS);
-    for _ in 0..ITERS {
+    for bytes in &bodies[WARMUP..] {
         let t = Instant::now();
         once(chain, fast, bytes, headers);
         samples.push(t.elapsed().as_nanos() as f64 / 1000.0);
@@ -120,8 +131,7 @@ fn measure(chain: &Chain, fast: bool, bytes: &[u8], headers: &HeaderMap) -> (f64
 }
 
 fn main() {
-    let write = std::env::args().skip_while(|a| a != "--write").nth(1);
-    let bytes = request_2kb();
+    let write = common::write_target();
     let headers = HeaderMap::new();
     let five = [
         "request-shaper",
@@ -132,7 +142,7 @@ fn main() {
     ];
     // (setup, hooks, p50, p99)
     let mut rows: Vec<(&str, usize, f64, f64)> = Vec::new();
-    let (p50, p99) = measure(&Chain::default(), true, &bytes, &headers);
+    let (p50, p99) = measure(&Chain::default(), true, &headers);
     rows.push(("no plugins (fast path: model and stream only)", 0, p50, p99));
     for reuse in [true, false] {
         let engine = PluginEngine::new(Settings {
@@ -150,7 +160,7 @@ fn main() {
                 continue;
             }
             let c = chain(&engine, names);
-            let (p50, p99) = measure(&c, false, &bytes, &headers);
+            let (p50, p99) = measure(&c, false, &headers);
             rows.push((label, names.len(), p50, p99));
         }
     }
@@ -189,26 +199,13 @@ fn main() {
     );
     print!("{table}\n{summary}");
     if let Some(path) = write {
-        let section = format!(
-            "<!-- chain:start -->\n## Plugin chain cost (on-request phase, 2 KB chat request)\n\nCommand: `cargo bench --bench chain -- --write BENCHMARKS.md` ({ITERS} requests per row after {WARMUP} warm-up, one thread, in-process: body parse, view build with token estimate, hooks, patch, re-serialise). Machine: {} cores.\n\n{table}\n{summary}<!-- chain:end -->\n",
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        );
-        let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n\n".into());
-        let new = match (
-            old.find("<!-- chain:start -->"),
-            old.find("<!-- chain:end -->"),
-        ) {
-            (Some(a), Some(b)) => format!(
-                "{}{}{}",
-                &old[..a],
-                section,
-                &old[b + "<!-- chain:end -->\n".len()..]
+        common::write_section(
+            &path,
+            "chain",
+            &format!(
+                "## Plugin chain cost (on-request phase, 2 KB chat request)\n\nCommand: `cargo bench --bench chain -- --write BENCHMARKS.md` ({ITERS} requests per row after {WARMUP} warm-up, one thread, in-process: body parse, view build with token estimate, hooks, patch, re-serialise; every request's user message is new). Machine: {}.\n\n{table}\n{summary}",
+                common::machine()
             ),
-            _ => format!("{old}{section}"),
-        };
-        std::fs::write(&path, new).unwrap();
-        println!("wrote {path}");
+        );
     }
 }

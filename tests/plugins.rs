@@ -1110,3 +1110,27 @@ async fn a_refused_config_stops_the_chain_from_loading_with_the_plugins_message(
     ))
     .expect("a good chain loads");
 }
+
+#[tokio::test]
+async fn more_tenants_than_instance_slots_share_the_pool() {
+    // Six tenants, one plugin each, and room for four instances: an idle
+    // instance of one tenant gives its slot to the next that needs one.
+    let echo = EchoEngine::start().await;
+    let mut body = "[plugin_host]\nmax_instances = 4\n".to_owned() + &pool("p", &[echo.url()], "");
+    for t in 0..6 {
+        body += &tenant(&format!("t{t}"), "p", &format!("sk-test-t{t}"), "");
+        body += &plugin("context-cap", "{ max_input_tokens = 1000 }");
+    }
+    let gw = start(&body).await;
+    for round in 0..3 {
+        for t in 0..6 {
+            let v = ok_json(post(&gw, &format!("sk-test-t{t}")).json(&chat(MODEL, false))).await;
+            assert_eq!(
+                v["choices"][0]["message"]["content"], "echo",
+                "t{t}, round {round}"
+            );
+        }
+    }
+    assert_eq!(seen_count(&echo), 18);
+    gw.shutdown().await;
+}

@@ -67,6 +67,26 @@ struct Live {
     calls: u32,
 }
 
+/// An entry's idle instances. The engine holds a weak reference to each
+/// list, to take idle slots back when the pool is full.
+pub(crate) struct Idle(Mutex<Vec<Live>>);
+
+impl Idle {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Live>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Drop one idle instance (its pool slot is freed with its store).
+    pub(crate) fn evict_one(&self) -> bool {
+        let live = self.lock().pop();
+        live.is_some()
+    }
+}
+
+/// Idle slots taken back from other entries when the pool is full: a few
+/// at once, so the next instantiations do not each pay for a search.
+const EVICT_BATCH: usize = 8;
+
 /// One plugin in one tenant's chain.
 pub struct Entry {
     pub name: Arc<str>,
@@ -77,7 +97,7 @@ pub struct Entry {
     config: Arc<str>,
     compiled: Arc<Compiled>,
     engine: Arc<PluginEngine>,
-    idle: Mutex<Vec<Live>>,
+    idle: Arc<Idle>,
     failures: AtomicU32,
     open_until_ms: AtomicU64,
     epoch: Instant,
@@ -109,7 +129,7 @@ impl Entry {
             config: Arc::from(config.to_string()),
             compiled,
             engine: engine.clone(),
-            idle: Mutex::new(Vec::new()),
+            idle: Arc::new(Idle(Mutex::new(Vec::new()))),
             failures: AtomicU32::new(0),
             open_until_ms: AtomicU64::new(0),
             epoch: Instant::now(),
@@ -125,11 +145,8 @@ impl Entry {
         entry.name = Arc::from(info.name.as_str());
         entry.info = info;
         // Instances made before the name was known carry the placeholder.
-        entry
-            .idle
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
+        entry.idle.lock().clear();
+        engine.register_idle(&entry.idle);
         Ok(entry)
     }
 
@@ -286,14 +303,16 @@ impl Entry {
         if open_until > now {
             return Err(Fault::CircuitOpen(Duration::from_millis(open_until - now)));
         }
-        let pooled = self
-            .idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop();
+        let pooled = self.idle.lock().pop();
         let mut live = match pooled {
             Some(l) => l,
-            None => match self.instantiate() {
+            None => match self.instantiate().or_else(|fault| match fault {
+                // Full pool: take idle slots back from other entries, once.
+                Fault::NoCapacity(_) if self.engine.evict_idle(&self.idle, EVICT_BATCH) > 0 => {
+                    self.instantiate()
+                }
+                other => Err(other),
+            }) {
                 Ok(l) => l,
                 Err(fault) => {
                     if !matches!(fault, Fault::NoCapacity(_)) {
@@ -319,7 +338,7 @@ impl Entry {
                 self.failures.store(0, Ordering::Relaxed);
                 live.calls += 1;
                 if self.engine.settings.reuse_instances && live.calls < MAX_CALLS_PER_INSTANCE {
-                    let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+                    let mut idle = self.idle.lock();
                     if idle.len() < MAX_IDLE {
                         idle.push(live);
                     }

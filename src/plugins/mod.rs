@@ -102,6 +102,10 @@ pub struct PluginEngine {
     pub limiters: Arc<Limiters>,
     /// Plugin call times, faults, rejections and limiter refusals.
     pub metrics: Arc<Metrics>,
+    /// Every chain entry's idle instances, so a full pool can take back idle
+    /// slots from other entries instead of refusing (see `chain::Idle`).
+    idle_lists: Mutex<Vec<std::sync::Weak<chain::Idle>>>,
+    evict_cursor: std::sync::atomic::AtomicUsize,
 }
 
 impl PluginEngine {
@@ -155,7 +159,52 @@ impl PluginEngine {
             settings,
             limiters: Arc::new(Limiters::default()),
             metrics,
+            idle_lists: Mutex::new(Vec::new()),
+            evict_cursor: Default::default(),
         }))
+    }
+
+    /// Remember a chain entry's idle list for [`PluginEngine::evict_idle`].
+    fn register_idle(&self, list: &Arc<chain::Idle>) {
+        let mut lists = self
+            .idle_lists
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // Entries of replaced chains are gone: forget them now and then.
+        if lists.len().is_power_of_two() {
+            lists.retain(|w| w.strong_count() > 0);
+        }
+        lists.push(Arc::downgrade(list));
+    }
+
+    /// The pool is full: drop up to `want` idle instances of other entries,
+    /// one per entry, going round from where the last eviction stopped, so
+    /// thousands of tenants share the pool like a cache. Returns how many
+    /// slots were freed.
+    fn evict_idle(&self, except: &Arc<chain::Idle>, want: usize) -> usize {
+        let lists: Vec<Arc<chain::Idle>> = {
+            let mut lists = self
+                .idle_lists
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            lists.retain(|w| w.strong_count() > 0);
+            lists.iter().filter_map(std::sync::Weak::upgrade).collect()
+        };
+        let n = lists.len();
+        let start = self
+            .evict_cursor
+            .fetch_add(want, std::sync::atomic::Ordering::Relaxed);
+        let mut freed = 0;
+        for i in 0..n {
+            if freed == want {
+                break;
+            }
+            let list = &lists[(start + i) % n];
+            if !Arc::ptr_eq(list, except) && list.evict_one() {
+                freed += 1;
+            }
+        }
+        freed
     }
 
     /// A component compiled earlier, by its sha256 (saves fetching the blob).
