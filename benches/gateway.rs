@@ -18,7 +18,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -185,64 +184,6 @@ fn sluice_config(listen: u16, ops: u16, engine: SocketAddr) -> String {
         tenant("bare", KEY_BARE, ""),
         tenant("policy", KEY_POLICY, POLICY_CHAIN),
     )
-}
-
-fn nginx_config(dir: &Path, listen: u16, engine: SocketAddr) -> String {
-    let d = dir.display();
-    format!(
-        r#"worker_processes 1;
-daemon off;
-pid {d}/nginx.pid;
-error_log {d}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {d}/client_body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    upstream engine {{ server {engine}; keepalive 256; keepalive_requests 1000000; }}
-    server {{
-        listen 127.0.0.1:{listen} backlog=4096;
-        keepalive_requests 1000000;
-        client_max_body_size 8m;
-        location / {{
-            proxy_pass http://engine;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            # Server-sent events must pass as they come.
-            proxy_buffering off;
-        }}
-    }}
-}}
-"#
-    )
-}
-
-fn nginx_binary() -> String {
-    for p in ["nginx", "/usr/sbin/nginx"] {
-        if std::process::Command::new(p)
-            .arg("-v")
-            .output()
-            .is_ok_and(|o| o.status.success())
-        {
-            return p.to_owned();
-        }
-    }
-    panic!("nginx is not installed: `bash benches/run.sh` installs it (apt-get install nginx)");
-}
-
-fn nginx_version(bin: &str) -> String {
-    std::process::Command::new(bin)
-        .arg("-v")
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stderr)
-                .trim()
-                .replace("nginx version: ", "")
-        })
-        .unwrap_or_default()
 }
 
 /// True when an SSE chunk carries a generated token (text or reasoning).
@@ -547,25 +488,8 @@ fn main() {
     )];
     common::wait_ok(&mut procs[0], engine, "/health", Duration::from_secs(30));
 
-    let nginx_bin = nginx_binary();
-    let nginx_port = common::free_port();
-    for d in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"] {
-        std::fs::create_dir_all(dir.join(d)).expect("nginx temp dir");
-    }
-    let nginx_conf = dir.join("nginx.conf");
-    std::fs::write(&nginx_conf, nginx_config(&dir, nginx_port, engine)).expect("nginx.conf");
-    let conf = nginx_conf.display().to_string();
-    let prefix = format!("{}/", dir.display());
-    procs.push(Proc::spawn(
-        "nginx",
-        &dir,
-        proxy_cpu,
-        &nginx_bin,
-        &["-e", "stderr", "-p", &prefix, "-c", &conf],
-        &[],
-    ));
-    let nginx: SocketAddr = ([127, 0, 0, 1], nginx_port).into();
-    common::wait_ok(&mut procs[1], nginx, "/health", Duration::from_secs(30));
+    let nginx: SocketAddr = ([127, 0, 0, 1], common::free_port()).into();
+    procs.push(common::nginx(&dir, proxy_cpu, nginx, engine, 4096));
 
     let (sluice_port, ops_port) = (common::free_port(), common::free_port());
     let sluice_conf = dir.join("sluice.toml");
@@ -700,14 +624,7 @@ fn main() {
         }
         runs.push(Run { mode, series });
     }
-    let report = report(
-        &runs,
-        &setups,
-        rounds,
-        secs,
-        pin,
-        &nginx_version(&nginx_bin),
-    );
+    let report = report(&runs, &setups, rounds, secs, pin, &common::nginx_version());
     println!("\n{report}");
     if let Some(file) = write {
         common::write_section(&file, "gateway", &report);

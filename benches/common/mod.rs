@@ -345,3 +345,93 @@ pub fn arg<T: std::str::FromStr>(flag: &str) -> Option<T> {
 pub fn has_flag(flag: &str) -> bool {
     std::env::args().any(|a| a == flag)
 }
+
+/// nginx as a plain reverse proxy to `engine` on `listen`: one worker,
+/// HTTP/1.1 keep-alive to the engine, no buffering (server-sent events pass
+/// as they come), no access log; its files in `dir`. Waits until it answers.
+pub fn nginx(
+    dir: &Path,
+    cpu: Option<usize>,
+    listen: SocketAddr,
+    engine: SocketAddr,
+    connections: usize,
+) -> Proc {
+    let d = dir.display();
+    for t in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"] {
+        fs::create_dir_all(dir.join(t)).expect("nginx temp dir");
+    }
+    let conf = format!(
+        r#"worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/nginx-error.log warn;
+worker_rlimit_nofile {files};
+events {{ worker_connections {connections}; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    upstream engine {{ server {engine}; keepalive 256; keepalive_requests 1000000; }}
+    server {{
+        listen {listen} backlog=4096;
+        keepalive_requests 1000000;
+        client_max_body_size 8m;
+        location / {{
+            proxy_pass http://engine;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_read_timeout 1h;
+            proxy_buffering off;
+        }}
+    }}
+}}
+"#,
+        files = connections + 64,
+    );
+    let path = dir.join("nginx.conf");
+    fs::write(&path, conf).expect("write nginx.conf");
+    let prefix = format!("{d}/");
+    let path = path.display().to_string();
+    let mut p = Proc::spawn(
+        "nginx",
+        dir,
+        cpu,
+        &nginx_binary(),
+        &["-e", "stderr", "-p", &prefix, "-c", &path],
+        &[],
+    );
+    wait_ok(&mut p, listen, "/health", Duration::from_secs(30));
+    p
+}
+
+fn nginx_binary() -> String {
+    ["nginx", "/usr/sbin/nginx"]
+        .into_iter()
+        .find(|p| {
+            Command::new(p)
+                .arg("-v")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "nginx is not installed: `bash benches/run.sh` installs it (apt-get install nginx)"
+            )
+        })
+        .to_owned()
+}
+
+pub fn nginx_version() -> String {
+    Command::new(nginx_binary())
+        .arg("-v")
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stderr)
+                .trim()
+                .replace("nginx version: ", "")
+        })
+        .unwrap_or_default()
+}
