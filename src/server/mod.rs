@@ -58,6 +58,25 @@ impl Running {
     }
 }
 
+/// Connections the kernel completes before they are accepted. A burst of
+/// clients (a reconnect storm after a failover) beyond the queue has its SYNs
+/// dropped and retried a second later; the usual default (128) is far too
+/// small for a gateway. The kernel caps it at `net.core.somaxconn`.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// A TCP listener with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`, so a restart
+/// does not wait for the old sockets' TIME_WAIT).
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Bind every configured listener and start serving.
 pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let tls = match &cfg.server.https {
@@ -66,8 +85,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     };
     let bind = |a: Option<SocketAddr>| async move {
         match a {
-            Some(a) => TcpListener::bind(a)
-                .await
+            Some(a) => listen(a)
                 .map(Some)
                 .map_err(|e| anyhow::anyhow!("cannot listen on {a}: {e}")),
             None => Ok(None),

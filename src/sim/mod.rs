@@ -286,9 +286,7 @@ pub async fn spawn(listener: TcpListener, opts: SimOptions) -> anyhow::Result<Si
 
 /// `sluice sim-engine`: bind, print the address, serve until ctrl-c/SIGTERM.
 pub async fn run(listen: SocketAddr, opts: SimOptions) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("binding {listen}"))?;
+    let listener = crate::server::listen(listen).with_context(|| format!("binding {listen}"))?;
     let handle = spawn(listener, opts).await?;
     println!("sim-engine listening on http://{}", handle.addr);
     shutdown_signal().await?;
