@@ -1,7 +1,8 @@
 //! The one response body type every layer returns, and bounded reading of
 //! request bodies.
 
-use bytes::Bytes;
+use bytes::{Buf, BufMut, Bytes};
+use http::{HeaderMap, HeaderValue};
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -47,8 +48,35 @@ pub async fn read_limited(
     }
     match tokio::time::timeout(timeout, http_body_util::Limited::new(body, limit).collect()).await {
         Err(_) => Err(ReadError::Timeout),
-        Ok(Ok(c)) => Ok(c.to_bytes()),
+        // One copy, also of a body that came in one chunk: that chunk is a
+        // slice of hyper's read buffer (see `detach_headers`).
+        Ok(Ok(c)) => {
+            let mut chunks = c.aggregate();
+            let mut copy = Vec::with_capacity(chunks.remaining());
+            copy.put(&mut chunks);
+            Ok(Bytes::from(copy))
+        }
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ReadError::TooLarge),
         Ok(Err(e)) => Err(ReadError::Failed(e.to_string())),
     }
+}
+
+/// hyper parses header values (and the URI, and a small body) as slices of
+/// its connection's read buffer, and reads on into a new buffer while they
+/// live: whatever a waiting request holds of them keeps an 8 KiB buffer per
+/// connection alive. Copies of the values let it go.
+pub fn detach_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let copy = match HeaderValue::from_bytes(value.as_bytes()) {
+            Ok(mut v) => {
+                v.set_sensitive(value.is_sensitive());
+                v
+            }
+            // Not expected of a value hyper accepted; keep it as it is.
+            Err(_) => value.clone(),
+        };
+        out.append(name.clone(), copy);
+    }
+    out
 }

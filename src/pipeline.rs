@@ -383,8 +383,15 @@ async fn serve(
         .try_acquire_owned()
         .map_err(|_| GatewayError::Overloaded { retry_after: 1 })?;
 
-    // 2. Route.
-    let endpoint = route(&parts.method, parts.uri.path())?;
+    // 2. Route. Nothing of the request head is kept that points into hyper's
+    // read buffer (see `body::detach_headers`): streams wait long.
+    let (endpoint, headers) = {
+        let parts = parts;
+        (
+            route(&parts.method, parts.uri.path())?,
+            body::detach_headers(&parts.headers),
+        )
+    };
 
     // 3. Authenticate before reading a body nobody may have asked for.
     let auth = tracing::info_span!(
@@ -397,7 +404,7 @@ async fn serve(
         otel.status_code = Empty,
         otel.status_description = Empty,
     );
-    let caller = match auth.in_scope(|| gw.keys.authenticate(&parts.headers)) {
+    let caller = match auth.in_scope(|| gw.keys.authenticate(&headers)) {
         Ok(c) => c,
         Err(e) => {
             crate::telemetry::record_error(&auth, &e);
@@ -430,7 +437,7 @@ async fn serve(
     let Some(incoming) = body.take() else {
         return Err(GatewayError::Internal("request body read twice".into()));
     };
-    let bytes = read_body(&gw.limits, &parts.headers, incoming).await?;
+    let bytes = read_body(&gw.limits, &headers, incoming).await?;
     check_json_depth(&bytes, gw.limits.max_json_depth)?;
     let head: RequestHead = serde_json::from_slice(&bytes).map_err(json_error)?;
     // serde also reads a struct from an array; the API takes objects only.
@@ -445,7 +452,7 @@ async fn serve(
     let mut max_tokens = head.max_tokens.or(head.max_completion_tokens);
     rec.model(&model);
     let mut pool = tenant.pool.clone();
-    let mut headers = parts.headers;
+    let mut headers = headers;
     let mut bytes = bytes;
 
     // 6. The tenant's plugins: continue, modify or reject.
@@ -571,6 +578,8 @@ async fn serve(
         }
         hook = Some(Box::new(StreamHook::new(ex)) as Box<dyn EventHook>);
     }
+    // Only the buffered path needs the parsed body; a stream waits without it.
+    drop(patched_body);
 
     // 8. Upstream, with retries only while nothing has reached the client.
     let up = pool.send(path, &headers, bytes, &call, ids).await?;

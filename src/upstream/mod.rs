@@ -433,11 +433,13 @@ impl Pool {
             Ok(Ok(r)) => r,
         };
 
-        let (parts, mut body) = resp.into_parts();
+        let (mut parts, mut body) = resp.into_parts();
         if !parts.status.is_success() {
             count(AttemptOutcome::of_status(parts.status));
             return Err(self.engine_error(parts.status, body, deadline).await);
         }
+        // The first token may be minutes away: hold no slice of hyper's read buffer.
+        parts.headers = crate::body::detach_headers(&parts.headers);
         let first = loop {
             match tokio::time::timeout_at(deadline, body.frame()).await {
                 Err(_) => {
