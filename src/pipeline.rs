@@ -385,13 +385,9 @@ async fn serve(
 
     // 2. Route. Nothing of the request head is kept that points into hyper's
     // read buffer (see `body::detach_headers`): streams wait long.
-    let (endpoint, headers) = {
-        let parts = parts;
-        (
-            route(&parts.method, parts.uri.path())?,
-            body::detach_headers(&parts.headers),
-        )
-    };
+    let endpoint = route(&parts.method, parts.uri.path())?;
+    let headers = body::detach_headers(&parts.headers);
+    drop(parts);
 
     // 3. Authenticate before reading a body nobody may have asked for.
     let auth = tracing::info_span!(
